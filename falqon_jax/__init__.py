@@ -1,0 +1,44 @@
+"""falqon_jax: fast FP8 LoRA fine-tuning in JAX (FALQON, arXiv 2510.24061).
+
+The public API is re-exported here; the implementation lives in private modules.
+
+>>> import jax, optax, falqon_jax
+>>> params = {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (64, 128))}}
+>>> params, report = falqon_jax.meld(params, rank=16)
+>>> tx = falqon_jax.proxy_update(optax.adam(2e-3))
+"""
+
+from falqon_jax import fp8
+from falqon_jax._meld import DEFAULT_EXCLUDE, MeldedLayer, MeldReport, SkippedLeaf, meld, unmeld
+from falqon_jax._melded_dense import melded_dense
+from falqon_jax._melded_kernel import MeldedKernel, meld_kernel
+from falqon_jax._merge import merge_top_k, select_rows
+from falqon_jax._proxy_update import (
+    MeldedUpdate,
+    ProxyUpdateState,
+    apply_updates,
+    delta_tree,
+    proxy_update,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fp8",
+    "MeldedKernel",
+    "MeldedUpdate",
+    "MeldReport",
+    "MeldedLayer",
+    "SkippedLeaf",
+    "ProxyUpdateState",
+    "DEFAULT_EXCLUDE",
+    "meld_kernel",
+    "meld",
+    "unmeld",
+    "melded_dense",
+    "merge_top_k",
+    "select_rows",
+    "proxy_update",
+    "apply_updates",
+    "delta_tree",
+]

@@ -1,0 +1,212 @@
+"""``meld`` / ``unmeld`` over a whole parameter tree, and the report of what was melded."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from falqon_jax._melded_kernel import (
+    Init,
+    MeldedKernel,
+    Scaling,
+    check_kernel,
+    check_rank,
+    meld_kernel,
+)
+
+Targets = Union[None, str, "re.Pattern[str]", Callable[[str, Any], bool]]
+
+DEFAULT_EXCLUDE = re.compile(
+    r"(^|/)(lm_head|embed\w*|wte|wpe|unembed\w*|tok_embeddings|output_embed\w*)(/|$)"
+)
+"""Path components the default targets never meld: embeddings and the LM head."""
+
+_GEMM_MULTIPLE = 16  # FP8 GEMMs need both kernel dims to be multiples of 16
+
+
+def path_str(path) -> str:
+  """``('model', 'layers', '0', 'kernel')`` style key paths as ``model/layers/0/kernel``."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeldedLayer:
+  path: str
+  shape: tuple[int, int]  # the Flax kernel shape (in, out)
+  rank: int
+
+  @property
+  def num_trainable(self) -> int:
+    return self.shape[1] * self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedLeaf:
+  path: str
+  shape: tuple[int, ...]
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MeldReport:
+  """What :func:`meld` melded and what it skipped, and why."""
+
+  melded: tuple[MeldedLayer, ...]
+  skipped: tuple[SkippedLeaf, ...]
+
+  @property
+  def num_trainable(self) -> int:
+    """Trainable parameters: sum of ``out * rank`` over melded layers."""
+    return sum(layer.num_trainable for layer in self.melded)
+
+  @property
+  def num_melded_weights(self) -> int:
+    """Backbone parameters now stored in FP8."""
+    return sum(layer.shape[0] * layer.shape[1] for layer in self.melded)
+
+  def __str__(self) -> str:
+    lines = [
+        f"melded {len(self.melded)} kernels ({self.num_melded_weights:,} weights in FP8),"
+        f" {self.num_trainable:,} trainable delta parameters;"
+        f" skipped {len(self.skipped)} leaves"
+    ]
+    lines += [f"  + {m.path} {m.shape} rank {m.rank}" for m in self.melded]
+    lines += [f"  - {s.path} {s.shape}: {s.reason}" for s in self.skipped]
+    return "\n".join(lines)
+
+
+def _default_reason(path: str, leaf) -> Optional[str]:
+  """Why the default targets skip a leaf, or None if they meld it."""
+  if not path.split("/")[-1] == "kernel":
+    return "not a dense kernel"
+  if DEFAULT_EXCLUDE.search(path):
+    return "embedding or LM head (excluded by default)"
+  if getattr(leaf, "ndim", None) != 2:
+    return f"not 2-D ({getattr(leaf, 'ndim', '?')}-D)"
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    return f"not floating ({leaf.dtype})"
+  if any(d % _GEMM_MULTIPLE for d in leaf.shape):
+    return f"dims not multiples of {_GEMM_MULTIPLE}"
+  return None
+
+
+def _matcher(targets: Targets) -> Callable[[str, Any], bool]:
+  if callable(targets) and not isinstance(targets, (str, re.Pattern)):
+    return targets
+  if isinstance(targets, (str, re.Pattern)):
+    try:
+      pattern = re.compile(targets)
+    except re.error as e:
+      raise ValueError(f"targets is not a valid regex ({e}): {targets!r}") from None
+    return lambda path, leaf: pattern.search(path) is not None
+  raise TypeError(
+      "targets must be None, a regex over the param path (e.g. r'(q|v)_proj/kernel$')"
+      f" or a predicate (path, leaf) -> bool, got {type(targets).__name__}"
+  )
+
+
+def meld(
+    params,
+    rank: int = 64,
+    *,
+    targets: Targets = None,
+    init: Init = "svd",
+    key: Optional[jax.Array] = None,
+    scaling: Scaling = "tensor",
+):
+  """Replaces the targeted dense kernels of a params tree by :class:`MeldedKernel` s.
+
+  Args:
+    params: a Flax params tree (nested dicts / FrozenDicts of arrays).
+    rank: the LoRA rank r.
+    targets: ``None`` (default) melds every 2-D ``kernel`` leaf whose dims are multiples
+      of 16, except embeddings and the LM head. A regex is searched in the slash-joined
+      param path (``"model/layers/0/self_attn/q_proj/kernel"``); a predicate gets
+      ``(path, leaf)``. Explicitly targeted leaves must be valid kernels, or meld raises.
+    init: ``"svd"`` (the reference) or ``"random"`` (needs ``key``).
+    key: PRNG key for ``init="random"``; each layer folds in its own index.
+    scaling: ``"tensor"`` (the reference) or ``"row"``.
+
+  Returns:
+    ``(melded_params, report)``, where ``report`` is a :class:`MeldReport`.
+
+  Example:
+    >>> import jax, falqon_jax
+    >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 64)),
+    ...                     "bias": jax.numpy.zeros(64)}}
+    >>> melded, report = falqon_jax.meld(params, rank=16)
+    >>> type(melded["dense"]["kernel"]).__name__, report.num_trainable
+    ('MeldedKernel', 1024)
+  """
+  explicit = targets is not None
+  match = _matcher(targets) if explicit else None
+  if init == "random" and key is None:
+    raise ValueError('init="random" needs key=jax.random.key(...)')
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, MeldedKernel)
+  )
+  new_leaves, melded, skipped = [], [], []
+  for index, (kpath, leaf) in enumerate(leaves):
+    path = path_str(kpath)
+    shape = tuple(getattr(leaf, "shape", ()))
+    if isinstance(leaf, MeldedKernel):
+      skipped.append(SkippedLeaf(path, leaf.shape, "already melded"))
+      new_leaves.append(leaf)
+      continue
+    if explicit:
+      if not match(path, leaf):
+        new_leaves.append(leaf)
+        continue
+      kernel = check_kernel(leaf, f"targeted leaf {path!r}")
+      if any(d % _GEMM_MULTIPLE for d in kernel.shape):
+        raise ValueError(
+            f"targeted kernel {path!r} has shape {shape}; FP8 GEMMs need both dims to be"
+            f" multiples of {_GEMM_MULTIPLE}: narrow `targets` to exclude it"
+        )
+    else:
+      reason = _default_reason(path, leaf)
+      if reason is not None:
+        skipped.append(SkippedLeaf(path, shape, reason))
+        new_leaves.append(leaf)
+        continue
+    check_rank(rank, shape[0], shape[1], f"kernel {path!r}")
+    layer_key = None if key is None else jax.random.fold_in(key, index)
+    new_leaves.append(
+        meld_kernel(leaf, rank, init=init, key=layer_key, scaling=scaling, name=path)
+    )
+    melded.append(MeldedLayer(path, shape, rank))
+  if explicit and not melded:
+    raise ValueError(
+        f"targets {targets!r} matched no parameter; paths look like"
+        f" {path_str(leaves[0][0])!r}" if leaves else "params is empty"
+    )
+  report = MeldReport(tuple(melded), tuple(skipped))
+  return jax.tree_util.tree_unflatten(treedef, new_leaves), report
+
+
+def is_melded(x) -> bool:
+  return isinstance(x, MeldedKernel)
+
+
+def unmeld(params, dtype=jnp.float32):
+  """Replaces every :class:`MeldedKernel` by its dequantized backbone ``(in, out)``.
+
+  A pending (unmerged) ``delta`` is not folded in: the forward ignores it too.
+  """
+  return jax.tree_util.tree_map(
+      lambda x: x.backbone(dtype) if isinstance(x, MeldedKernel) else x,
+      params,
+      is_leaf=is_melded,
+  )

@@ -1,0 +1,129 @@
+"""The melded FP8 linear: one GEMM gives ``[y | Ax]``; the backward needs only ``Ax``.
+
+Spec: falqon-reference.md sections 3 and 4. Every GEMM is ``lax.dot_general`` on FP8
+operands with ``preferred_element_type=float32``, both operands contracting on their last
+dim (the "TN" layout Hopper FP8 GEMMs need), and the scales multiplied in after the dot,
+so XLA can lower each one to a single cuBLASLt FP8 call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from falqon_jax import fp8
+from falqon_jax._melded_kernel import MeldedKernel
+
+_TN = (((1,), (1,)), ((), ()))  # contract the last dim of both 2-D operands
+
+
+def _fp8_gemm(a, b, inv_scale, precision, out_dtype):
+  """``(a @ b.T) * inv_scale`` with fp8 operands, f32 accumulation, one final rounding."""
+  acc = lax.dot_general(
+      a, b, _TN, precision=precision, preferred_element_type=jnp.float32
+  )
+  return (acc * inv_scale).astype(out_dtype)
+
+
+def _forward(x2, qweight, scale, out_features, scaling):
+  sx = fp8.compute_scale(x2, fp8.E4M3)
+  xq = fp8.quantize(x2, sx, fp8.E4M3)
+  # cuBLASLt semantics: D = (1/s_a) * (1/s_b) * acc, rounded once to the output dtype.
+  inv = (1.0 / sx) * (1.0 / scale)  # 0-d, or (out + rank,) with row scaling
+  z = _fp8_gemm(xq, qweight, inv, lax.Precision.DEFAULT, x2.dtype)
+  # Ax comes out in x's dtype (bf16 in training), as the reference saves it.
+  return z[:, :out_features], z[:, out_features:]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _melded_matmul(x2, qweight, scale, delta, out_features, scaling):
+  del delta  # the forward ignores delta (it is zero after every merge)
+  y, _ = _forward(x2, qweight, scale, out_features, scaling)
+  return y
+
+
+def _melded_matmul_fwd(x2, qweight, scale, delta, out_features, scaling):
+  y, ax = _forward(x2, qweight, scale, out_features, scaling)
+  # Residuals: Ax (N x rank) plus references to inputs that live anyway. Never x.
+  return y, (ax, qweight, scale, delta)
+
+
+def _melded_matmul_bwd(out_features, scaling, residuals, g):
+  ax, qweight, scale, delta = residuals
+  if scaling == "row":
+    # Fold the backbone row scales into g, so dx is one GEMM against the raw rows.
+    row_scale = scale[:out_features]
+    g_src = g.astype(jnp.float32) * (1.0 / row_scale)
+    inv_w = 1.0
+  else:
+    g_src = g
+    inv_w = 1.0 / scale
+  sg = fp8.compute_scale(g_src, fp8.E5M2)
+  gq = fp8.quantize(g_src, sg, fp8.E5M2)
+
+  # dx = e5m2(g) . W: backbone rows only (delta = 0, so the adapter adds nothing to dx).
+  # W is stored (out, in); TN needs the contracting dim `out` last, hence the fp8
+  # transpose (1 byte per element, which XLA would otherwise insert itself).
+  w_t = qweight[:out_features].T
+  dx = _fp8_gemm(gq, w_t, (1.0 / sg) * inv_w, lax.Precision.HIGHEST, g.dtype)
+
+  # d(delta) = g^T . e4m3(Ax): no weight gradient at all, no x needed.
+  s_ax = fp8.compute_scale(ax, fp8.E4M3)
+  axq = fp8.quantize(ax, s_ax, fp8.E4M3)
+  inv_d = (1.0 / sg) * (1.0 / s_ax)
+  if scaling == "row":
+    inv_d = inv_d * row_scale[:, None]
+  d_delta = _fp8_gemm(gq.T, axq.T, inv_d, lax.Precision.HIGHEST, g.dtype)
+  return dx, None, None, d_delta.astype(delta.dtype)
+
+
+_melded_matmul.defvjp(_melded_matmul_fwd, _melded_matmul_bwd)
+
+
+def melded_dense(
+    x: jax.Array, mk: MeldedKernel, bias: Optional[jax.Array] = None
+) -> jax.Array:
+  """``y = x @ W`` through the melded FP8 kernel, with FALQON's custom gradient.
+
+  Forward: quantize ``x`` (e4m3, per tensor) once; one FP8 GEMM against ``[W; A]`` gives
+  ``y`` and ``Ax``; only ``Ax`` is saved. Backward: ``dx = e5m2(g) . W`` and
+  ``d(delta) = g^T . e4m3(Ax)``, both FP8 GEMMs. ``qweight`` and ``scale`` get no
+  gradient, and ``delta`` does not enter the forward.
+
+  Args:
+    x: ``(..., in)``, bf16 or f32. The output has x's dtype.
+    mk: the melded kernel.
+    bias: optional ``(out,)`` bias, added after the GEMM in the output dtype.
+
+  Returns:
+    ``(..., out)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, falqon_jax
+    >>> mk = falqon_jax.meld_kernel(jax.random.normal(jax.random.key(0), (64, 32)), 16)
+    >>> x = jax.random.normal(jax.random.key(1), (4, 8, 64), jnp.bfloat16)
+    >>> falqon_jax.melded_dense(x, mk).shape
+    (4, 8, 32)
+  """
+  if not isinstance(mk, MeldedKernel):
+    raise TypeError(
+        f"melded_dense needs a MeldedKernel, got {type(mk).__name__}; meld the kernel"
+        " first with falqon_jax.meld_kernel or falqon_jax.meld"
+    )
+  if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != mk.in_features:
+    raise ValueError(
+        f"x must have shape (..., {mk.in_features}) to match the kernel"
+        f" ({mk.in_features}, {mk.out_features}), got {getattr(x, 'shape', type(x))}"
+    )
+  if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize < 2:
+    raise TypeError(f"x must be bf16, f16 or f32, got {x.dtype}")
+  x2 = x.reshape(-1, mk.in_features)
+  y = _melded_matmul(x2, mk.qweight, mk.scale, mk.delta, mk.out_features, mk.scaling)
+  y = y.reshape(*x.shape[:-1], mk.out_features)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y

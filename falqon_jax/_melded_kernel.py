@@ -1,0 +1,210 @@
+"""The melded FP8 kernel: one e4m3 weight ``[W; A]`` with a shared scale, plus the ΔBuffer.
+
+Spec: falqon-reference.md sections 1 and 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from falqon_jax import fp8
+
+Init = Literal["svd", "random"]
+Scaling = Literal["tensor", "row"]
+
+_INITS = ("svd", "random")
+_SCALINGS = ("tensor", "row")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeldedKernel:
+  """A dense kernel melded with its frozen LoRA ``A`` into one FP8 weight.
+
+  Attributes:
+    qweight: float8_e4m3fn, shape ``(out + rank, in)``. Rows ``[:out]`` are the backbone
+      ``W`` (torch ``nn.Linear`` layout, i.e. the transpose of a Flax kernel), rows
+      ``[out:]`` are ``A``. Row-major with the contracting dim last, as FP8 GEMMs want.
+    scale: float32 scale(s), ``raw = value * scale``. A 0-d array with
+      ``scaling="tensor"`` (the reference), shape ``(out + rank,)`` with ``scaling="row"``.
+    delta: float32, shape ``(out, rank)``: the ΔBuffer ``B``, the only trainable leaf.
+    in_features, out_features, rank: static sizes.
+    scaling: static, ``"tensor"`` or ``"row"``.
+  """
+
+  qweight: jax.Array
+  scale: jax.Array
+  delta: jax.Array
+  in_features: int = dataclasses.field(metadata=dict(static=True))
+  out_features: int = dataclasses.field(metadata=dict(static=True))
+  rank: int = dataclasses.field(metadata=dict(static=True))
+  scaling: str = dataclasses.field(default="tensor", metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The Flax kernel shape ``(in, out)`` this stands in for."""
+    return (self.in_features, self.out_features)
+
+  @property
+  def backbone_scale(self) -> jax.Array:
+    """Scale(s) of the backbone rows, broadcastable against ``(out, in)``."""
+    if self.scaling == "row":
+      return self.scale[..., : self.out_features, None]
+    return self.scale
+
+  @property
+  def lora_a_scale(self) -> jax.Array:
+    """Scale(s) of the A rows, broadcastable against ``(rank, in)``."""
+    if self.scaling == "row":
+      return self.scale[..., self.out_features :, None]
+    return self.scale
+
+  def backbone(self, dtype=jnp.float32) -> jax.Array:
+    """The dequantized backbone in Flax layout ``(in, out)``."""
+    w = fp8.dequantize(self.qweight[..., : self.out_features, :], self.backbone_scale)
+    return jnp.swapaxes(w, -1, -2).astype(dtype)
+
+  def lora_a(self, dtype=jnp.float32) -> jax.Array:
+    """The dequantized ``A``, shape ``(rank, in)``."""
+    a = fp8.dequantize(self.qweight[..., self.out_features :, :], self.lora_a_scale)
+    return a.astype(dtype)
+
+  def replace(self, **changes) -> "MeldedKernel":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def num_trainable(self) -> int:
+    return self.out_features * self.rank
+
+
+jax.tree_util.register_dataclass(MeldedKernel)
+
+
+def _is_tracer(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def check_kernel(kernel, what: str = "kernel") -> jax.Array:
+  """Validates a Flax-layout dense kernel; returns it as an array."""
+  if isinstance(kernel, MeldedKernel):
+    raise TypeError(f"{what} is already a MeldedKernel; meld each kernel once")
+  if not hasattr(kernel, "ndim"):
+    kernel = jnp.asarray(kernel)
+  if kernel.ndim != 2:
+    raise ValueError(
+        f"{what} must be a 2-D (in, out) dense kernel, got shape {tuple(kernel.shape)}"
+    )
+  if not jnp.issubdtype(kernel.dtype, jnp.floating) or jnp.dtype(kernel.dtype).itemsize < 2:
+    raise TypeError(
+        f"{what} must be a bf16/f16/f32 floating kernel, got dtype {kernel.dtype}"
+    )
+  if not _is_tracer(kernel) and not bool(jnp.all(jnp.isfinite(kernel))):
+    raise ValueError(f"{what} contains NaN or Inf; fix the checkpoint before melding")
+  return kernel
+
+
+def check_rank(rank, in_features: int, out_features: int, what: str = "kernel") -> int:
+  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
+    raise TypeError(f"rank must be an int, got {rank!r}")
+  rank = int(rank)
+  if rank <= 0 or rank > min(in_features, out_features):
+    raise ValueError(
+        f"rank must be in [1, min(in, out)] = [1, {min(in_features, out_features)}] for"
+        f" {what} of shape ({in_features}, {out_features}), got {rank}"
+    )
+  return rank
+
+
+def _scale_of(w: jax.Array, scaling: str) -> jax.Array:
+  if scaling == "row":
+    return fp8.compute_scale(w, fp8.E4M3, axis=-1)[:, 0]
+  return fp8.compute_scale(w, fp8.E4M3)
+
+
+def _as_rows(scale: jax.Array, scaling: str) -> jax.Array:
+  return scale[:, None] if scaling == "row" else scale
+
+
+def _svd_lora_a(w: jax.Array, rank: int, scaling: str) -> jax.Array:
+  """A = sqrt(S_r) Vh_r from the SVD of W's quantization error (reference section 2)."""
+  s0 = _as_rows(_scale_of(w, scaling), scaling)
+  # The error is taken in W's own dtype, as the reference does (bf16 W -> bf16 error).
+  err = w - fp8.dequantize(fp8.quantize(w, s0), s0, w.dtype)
+  _, s, vh = jnp.linalg.svd(err.astype(jnp.float32), full_matrices=False)
+  return jnp.sqrt(s[:rank])[:, None] * vh[:rank]
+
+
+def _random_lora_a(w: jax.Array, rank: int, key: jax.Array) -> jax.Array:
+  """The reference's placeholder init: Normal(mean W, std W) clipped to [min W, max W]."""
+  wf = w.astype(jnp.float32)
+  a = jnp.mean(wf) + jnp.std(wf) * jax.random.normal(key, (rank, w.shape[1]), jnp.float32)
+  return jnp.clip(a, jnp.min(wf), jnp.max(wf)).astype(w.dtype)
+
+
+def _meld(kernel, key, *, rank: int, init: str, scaling: str) -> MeldedKernel:
+  w = kernel.T  # (out, in)
+  out_features, in_features = w.shape
+  if init == "svd":
+    a = _svd_lora_a(w, rank, scaling)
+  else:
+    a = _random_lora_a(w, rank, key)
+  # cat([W, A]) promotes like torch.cat (bf16 W + f32 A -> f32); exact for the amax.
+  dtype = jnp.promote_types(w.dtype, a.dtype)
+  stacked = jnp.concatenate([w.astype(dtype), a.astype(dtype)], 0)
+  scale = _scale_of(stacked, scaling)
+  qweight = fp8.quantize(stacked, _as_rows(scale, scaling), fp8.E4M3)
+  return MeldedKernel(
+      qweight=qweight,
+      scale=scale,
+      delta=jnp.zeros((out_features, rank), jnp.float32),
+      in_features=in_features,
+      out_features=out_features,
+      rank=rank,
+      scaling=scaling,
+  )
+
+
+_meld_jit = jax.jit(_meld, static_argnames=("rank", "init", "scaling"))
+
+
+def meld_kernel(
+    kernel: jax.Array,
+    rank: int,
+    *,
+    init: Init = "svd",
+    key: Optional[jax.Array] = None,
+    scaling: Scaling = "tensor",
+    name: str = "kernel",
+) -> MeldedKernel:
+  """Melds one Flax-layout dense kernel ``(in, out)`` into a :class:`MeldedKernel`.
+
+  With ``init="svd"`` (the reference default), ``A = sqrt(S_r) Vh_r`` from the SVD of the
+  quantization error ``E = W - DQ(Q(W))``, one scale covers ``[W; A]``, the backbone rows
+  are ``Q(W; scale)`` and ``delta`` is zero. ``init="random"`` draws ``A`` from
+  ``Normal(mean W, std W)`` clipped to W's range and needs ``key``.
+
+  ``scaling="row"`` (beyond the reference) gives every row of ``[W; A]`` its own scale.
+
+  Example:
+    >>> import jax, falqon_jax
+    >>> k = jax.random.normal(jax.random.key(0), (64, 96)) * 0.02
+    >>> mk = falqon_jax.meld_kernel(k, rank=16)
+    >>> mk.qweight.shape, mk.delta.shape
+    ((112, 64), (96, 16))
+  """
+  kernel = check_kernel(kernel, name)
+  in_features, out_features = kernel.shape
+  rank = check_rank(rank, in_features, out_features, name)
+  if init not in _INITS:
+    raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+  if scaling not in _SCALINGS:
+    raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
+  if init == "random" and key is None:
+    raise ValueError('init="random" needs key=jax.random.key(...)')
+  if key is None:
+    key = jax.random.key(0)  # unused by the SVD init; keeps one jitted signature
+  return _meld_jit(kernel, key, rank=rank, init=init, scaling=scaling)

@@ -1,0 +1,180 @@
+"""The row-wise proxy update: merge the top-k rows of the ΔBuffer into the FP8 backbone.
+
+Spec: falqon-reference.md section 5 (``apply_delta_weight``). The reference upcasts the
+whole weight every step; here only the k selected rows are read, computed and written, so
+with donated buffers the write is in place (see :func:`write_rows` for the CPU caveat).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from falqon_jax import fp8
+from falqon_jax._melded_kernel import MeldedKernel
+
+Reset = Literal["all", "merged"]
+Rounding = Literal["nearest", "stochastic"]
+
+RESETS = ("all", "merged")
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def select_rows(delta: jax.Array, k: int) -> jax.Array:
+  """Indices of the ``k`` rows of ``delta`` with the largest L1 norm (``sum |B_ij|``)."""
+  _, rows = lax.top_k(jnp.sum(jnp.abs(delta), axis=-1), k)
+  return rows
+
+
+def write_rows(qweight: jax.Array, rows: jax.Array, new_rows: jax.Array, *, via_bits=None):
+  """``qweight.at[rows].set(new_rows)``, written so the k rows update in place.
+
+  GPU and TPU scatter fp8 natively, in place when ``qweight`` is donated. CPU XLA
+  upcasts the *whole* array to f32 around an fp8 scatter (~5x the cost of the two
+  full-size byte copies that a uint8 view costs there), so on CPU the write goes through
+  a uint8 view. Both give the same bytes.
+  """
+  if via_bits is None:
+    via_bits = jax.default_backend() == "cpu"
+  if not via_bits:
+    return qweight.at[rows].set(new_rows.astype(qweight.dtype), unique_indices=True)
+  bits = fp8._bitcast(qweight, jnp.uint8)
+  bits = bits.at[rows].set(fp8._bitcast(new_rows, jnp.uint8), unique_indices=True)
+  return fp8._bitcast(bits, qweight.dtype)
+
+
+def compute_merged_rows(
+    qweight: jax.Array,
+    scale: jax.Array,
+    delta: jax.Array,
+    rows: jax.Array,
+    *,
+    out_features: int,
+    scaling: str = "tensor",
+    rounding: str = "nearest",
+    key: Optional[jax.Array] = None,
+    active: Optional[jax.Array] = None,
+) -> tuple[jax.Array, jax.Array]:
+  """New raw FP8 rows and their scales for ``rows``; the plain-jnp merge math.
+
+  Tensor scaling (the reference): ``e4m3(clamp(raw[rows] + delta[rows] @ raw_A, ±448))``.
+  Both raw operands share one scale, so no descale is needed.
+
+  Row scaling: the update is computed in value space, and a row whose new amax would
+  saturate gets a smaller scale (a wider range) instead of clipping. Rows whose update
+  is zero come back bit-identical, as with tensor scaling.
+
+  ``active``, if given, is a traced count: only the first ``active`` of the selected rows
+  (in top-k order) receive their update; the rest are rewritten unchanged.
+
+  Returns:
+    ``(new_rows_fp8 (k, in), new_row_scales (k,) or the unchanged 0-d scale)``.
+  """
+  bits = fp8._bitcast(qweight, jnp.uint8)
+  raw_rows = fp8._bitcast(bits[rows], qweight.dtype).astype(jnp.float32)
+  raw_a = fp8._bitcast(bits[out_features:], qweight.dtype).astype(jnp.float32)
+  d_rows = delta[rows].astype(jnp.float32)
+  if active is not None:
+    live = jnp.arange(rows.shape[0]) < active
+    d_rows = jnp.where(live[:, None], d_rows, 0.0)
+  hi = lax.Precision.HIGHEST
+  if scaling == "row":
+    row_scale = scale[rows]
+    a_values = raw_a / scale[out_features:, None]
+    v = raw_rows + row_scale[:, None] * jnp.dot(d_rows, a_values, precision=hi)
+    amax = jnp.max(jnp.abs(v), axis=-1)
+    shrink = jnp.where(amax > fp8.E4M3.max, fp8.E4M3.max / amax, 1.0)
+    v = v * shrink[:, None]
+    new_scale = row_scale * shrink
+  else:
+    v = raw_rows + jnp.dot(d_rows, raw_a, precision=hi)
+    new_scale = scale
+  if rounding == "stochastic":
+    new = fp8.quantize_stochastic(v, key, fp8.E4M3)
+  else:
+    new = fp8.quantize(v, 1.0, fp8.E4M3)
+  return new, new_scale
+
+
+def merge_rows(
+    mk: MeldedKernel,
+    k: int,
+    *,
+    reset: Reset = "all",
+    rounding: Rounding = "nearest",
+    key: Optional[jax.Array] = None,
+    active: Optional[jax.Array] = None,
+) -> MeldedKernel:
+  """:func:`merge_top_k` with an optional traced ``active`` count (no validation)."""
+  rows = select_rows(mk.delta, k)
+  new_rows, new_row_scale = compute_merged_rows(
+      mk.qweight, mk.scale, mk.delta, rows,
+      out_features=mk.out_features, scaling=mk.scaling,
+      rounding=rounding, key=key, active=active,
+  )
+  qweight = write_rows(mk.qweight, rows, new_rows)
+  scale = mk.scale
+  if mk.scaling == "row":
+    scale = scale.at[rows].set(new_row_scale, unique_indices=True)
+  if reset == "all":
+    delta = jnp.zeros_like(mk.delta)
+    if active is not None:  # a step that merges nothing (a skipped step) resets nothing
+      delta = jnp.where(active > 0, delta, mk.delta)
+  else:
+    cleared = jnp.zeros((k, mk.rank), mk.delta.dtype)
+    if active is not None:
+      live = (jnp.arange(k) < active)[:, None]
+      cleared = jnp.where(live, cleared, mk.delta[rows])
+    delta = mk.delta.at[rows].set(cleared, unique_indices=True)
+  return mk.replace(qweight=qweight, scale=scale, delta=delta)
+
+
+def check_merge_options(reset: str, rounding: str, key) -> None:
+  if reset not in RESETS:
+    raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+  if rounding == "stochastic" and key is None:
+    raise ValueError('rounding="stochastic" needs key=jax.random.key(...)')
+
+
+def merge_top_k(
+    mk: MeldedKernel,
+    k: int,
+    *,
+    reset: Reset = "all",
+    rounding: Rounding = "nearest",
+    key: Optional[jax.Array] = None,
+) -> MeldedKernel:
+  """Merges the ``k`` rows of ``delta`` with the largest L1 norm into the FP8 backbone.
+
+  New raw rows are ``e4m3(clamp(raw[rows] + delta[rows] @ raw_A, ±448))``; every other
+  byte of ``qweight`` and the scale stay as they were. Then ``delta`` is reset: all of it
+  with ``reset="all"`` (the reference), only the merged rows with ``reset="merged"``.
+
+  Args:
+    mk: the melded kernel.
+    k: how many rows to merge (static), ``1 <= k <= out``.
+    reset: ``"all"`` or ``"merged"``.
+    rounding: ``"nearest"`` (the reference) or ``"stochastic"`` (needs ``key``).
+    key: PRNG key for stochastic rounding.
+
+  Example:
+    >>> import jax, falqon_jax
+    >>> mk = falqon_jax.meld_kernel(jax.random.normal(jax.random.key(0), (64, 32)), 16)
+    >>> mk = mk.replace(delta=jax.random.normal(jax.random.key(1), mk.delta.shape))
+    >>> new = falqon_jax.merge_top_k(mk, k=4)
+    >>> int((new.qweight != mk.qweight).any(axis=1).sum()) <= 4, float(abs(new.delta).sum())
+    (True, 0.0)
+  """
+  if not isinstance(mk, MeldedKernel):
+    raise TypeError(f"merge_top_k needs a MeldedKernel, got {type(mk).__name__}")
+  if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= mk.out_features:
+    raise ValueError(
+        f"k must be an int in [1, out] = [1, {mk.out_features}], got {k!r}"
+    )
+  check_merge_options(reset, rounding, key)
+  return merge_rows(mk, k, reset=reset, rounding=rounding, key=key)

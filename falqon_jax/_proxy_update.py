@@ -1,0 +1,207 @@
+"""``proxy_update``: the optax-style FALQON optimizer step, and ``apply_updates``.
+
+Spec: falqon-reference.md section 5. One step is: the inner optax optimizer turns the
+delta gradients into delta updates (clipping and schedules live inside it and see only
+the deltas, as the reference's clipping sees only B); then every melded kernel merges
+its top-k rows into the FP8 backbone and resets its ΔBuffer.
+
+Because the merge rewrites FP8 bytes, the updates this transformation emits for a melded
+kernel are *new values* (a :class:`MeldedUpdate`), not increments. Apply them with
+:func:`falqon_jax.apply_updates`; ``optax.apply_updates`` refuses them with a tree
+structure error instead of silently adding FP8 bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax._merge import Reset, Rounding, check_merge_options, merge_rows
+
+_NEVER_GIVE_UP = 2**31 - 1  # apply_if_finite then skips every non-finite step
+
+
+def _is_melded(x) -> bool:
+  return isinstance(x, MeldedKernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeldedUpdate:
+  """New values for one melded kernel, produced by :func:`proxy_update`."""
+
+  qweight: jax.Array
+  scale: jax.Array
+  delta: jax.Array
+
+
+jax.tree_util.register_dataclass(MeldedUpdate)
+
+
+class ProxyUpdateState(NamedTuple):
+  """State of :func:`proxy_update`.
+
+  Attributes:
+    inner_state: ``optax.ApplyIfFiniteState`` around the inner optimizer's state.
+    count: int32, optimizer steps applied (skipped steps not counted).
+    key: PRNG key for stochastic rounding (``None`` with nearest rounding).
+  """
+
+  inner_state: Any
+  count: jax.Array
+  key: Optional[jax.Array]
+
+  @property
+  def skipped(self) -> jax.Array:
+    """How many steps were skipped because their gradients were not finite."""
+    return self.inner_state.total_notfinite
+
+
+def delta_tree(tree):
+  """The tree with each melded kernel replaced by its delta, other leaves masked out.
+
+  This is the tree the inner optimizer sees. Works on params and on the gradients that
+  ``jax.grad`` returns for them (which have the same ``MeldedKernel`` nodes).
+  """
+  return jax.tree_util.tree_map(
+      lambda x: x.delta if _is_melded(x) else optax.MaskedNode(), tree, is_leaf=_is_melded
+  )
+
+
+def _melded_kernels(params) -> list[MeldedKernel]:
+  return [x for x in jax.tree_util.tree_leaves(params, is_leaf=_is_melded) if _is_melded(x)]
+
+
+def proxy_update(
+    inner: optax.GradientTransformation,
+    *,
+    top_k: Optional[int] = None,
+    warmup_steps: int = 0,
+    reset: Reset = "all",
+    rounding: Rounding = "nearest",
+    key: Optional[jax.Array] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """FALQON's row-wise proxy update around an inner optax optimizer.
+
+  Args:
+    inner: any optax transformation for the deltas, e.g.
+      ``optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(schedule))``.
+    top_k: rows merged per kernel per step. ``None`` merges ``rank`` rows, which is what
+      the reference code really does (its ``num_topk`` is never used).
+    warmup_steps: for this many steps ``k = rank``, then ``k = top_k``.
+    reset: ``"all"`` zeroes the whole ΔBuffer after each merge (the reference);
+      ``"merged"`` zeroes only the merged rows, so the rest keep accumulating.
+    rounding: ``"nearest"`` (the reference) or ``"stochastic"`` (needs ``key``).
+    key: PRNG key for stochastic rounding; each step and kernel folds in its own index,
+      so data-parallel replicas with the same state make the same choices.
+
+  A step whose delta gradients are not finite is skipped (``optax.apply_if_finite``):
+  deltas, FP8 weights and the inner state are left unchanged, and
+  ``state.skipped`` counts it.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, falqon_jax
+    >>> params = {"w": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))}}
+    >>> params, _ = falqon_jax.meld(params, rank=16)
+    >>> tx = falqon_jax.proxy_update(optax.adam(2e-3))
+    >>> state = tx.init(params)
+    >>> x = jax.random.normal(jax.random.key(1), (32, 64))
+    >>> loss = lambda p: jnp.mean(falqon_jax.melded_dense(x, p["w"]["kernel"]) ** 2)
+    >>> grads = jax.grad(loss)(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = falqon_jax.apply_updates(params, updates)
+    >>> int(state.count)
+    1
+  """
+  check_merge_options(reset, rounding, key)
+  if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+  if not isinstance(warmup_steps, int) or warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+  guarded = optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
+
+  def plan(mk: MeldedKernel, count: jax.Array):
+    """Static k for the top-k, and the traced number of rows that really merge."""
+    if top_k is None:
+      return mk.rank, None
+    if top_k > mk.out_features:
+      raise ValueError(
+          f"top_k={top_k} exceeds the {mk.out_features} rows of a melded kernel of"
+          f" shape {mk.shape}; use top_k <= {mk.out_features}"
+      )
+    if warmup_steps == 0:
+      return top_k, None
+    k_static = min(max(top_k, mk.rank), mk.out_features)
+    return k_static, jnp.where(count < warmup_steps, mk.rank, top_k)
+
+  def init(params):
+    kernels = _melded_kernels(params)
+    if not kernels:
+      raise ValueError(
+          "params holds no MeldedKernel: meld it first, e.g."
+          " params, report = falqon_jax.meld(params, rank=64)"
+      )
+    for mk in kernels:
+      plan(mk, jnp.zeros([], jnp.int32))  # validates top_k against every kernel
+    return ProxyUpdateState(
+        inner_state=guarded.init(delta_tree(params)),
+        count=jnp.zeros([], jnp.int32),
+        key=key,
+    )
+
+  def update(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+          "proxy_update needs params: call tx.update(grads, state, params)"
+      )
+    delta_updates, inner_state = guarded.update(
+        delta_tree(grads), state.inner_state, delta_tree(params), **extra_args
+    )
+    applied = inner_state.last_finite
+    step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
+    counter = iter(range(1 << 30))
+
+    def step(p, u):
+      if not _is_melded(p):
+        return jnp.zeros_like(p)
+      index = next(counter)
+      k, active = plan(p, state.count)
+      # Gate on finiteness: a skipped step merges nothing and resets nothing.
+      active = jnp.where(applied, k if active is None else active, 0)
+      layer_key = None if step_key is None else jax.random.fold_in(step_key, index)
+      merged = merge_rows(
+          p.replace(delta=p.delta + u.astype(p.delta.dtype)), k,
+          reset=reset, rounding=rounding, key=layer_key, active=active,
+      )
+      return MeldedUpdate(merged.qweight, merged.scale, merged.delta)
+
+    updates = jax.tree_util.tree_map(step, params, delta_updates, is_leaf=_is_melded)
+    new_state = ProxyUpdateState(
+        inner_state=inner_state,
+        count=state.count + applied.astype(jnp.int32),
+        key=state.key,
+    )
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def apply_updates(params, updates):
+  """Applies :func:`proxy_update`'s updates: new values for melded kernels, ``p + u``
+  (dtype kept, as ``optax.apply_updates`` does) for every other leaf."""
+
+  def apply(p, u):
+    if _is_melded(p):
+      if not isinstance(u, MeldedUpdate):
+        raise TypeError(
+            "updates for a MeldedKernel must come from falqon_jax.proxy_update, got"
+            f" {type(u).__name__}; wrap your optax optimizer: proxy_update(optimizer)"
+        )
+      return p.replace(qweight=u.qweight, scale=u.scale, delta=u.delta)
+    return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+
+  return jax.tree_util.tree_map(apply, params, updates, is_leaf=_is_melded)

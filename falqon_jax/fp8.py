@@ -1,0 +1,185 @@
+"""FP8 formats and per-tensor / per-row scaling, as the FALQON reference computes them.
+
+The reference is torchao v0.8.0 (``float8_utils.amax_to_scale``, ``to_fp8_saturated``,
+``Float8Tensor``). In that convention the *scale multiplies*: the stored raw value is
+``x * scale`` and the dequantized value is ``raw / scale``.
+
+* ``compute_scale(x, fmt)`` is ``fp32(max_fmt / max(amax(x), 1e-12))``. torchao divides in
+  float64 and rounds to float32; a correctly rounded float32 division gives the same bits
+  (53 >= 2*24 + 2, so double rounding is innocuous), which keeps this x64-free.
+* ``quantize(x, scale, fmt)`` saturates: ``cast(clip(f32(x) * scale, -max, max))``. A plain
+  cast would turn overflow into NaN (e4m3fn has no infinity).
+* ``dequantize(raw, scale, dtype)`` is ``raw / scale``.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from falqon_jax import fp8
+  >>> x = jnp.array([[0.5, -2.0], [3.0, 1e-3]])
+  >>> s = fp8.compute_scale(x, fp8.E4M3)
+  >>> raw = fp8.quantize(x, s, fp8.E4M3)
+  >>> float(jnp.max(jnp.abs(fp8.dequantize(raw, s) - x))) < 0.07
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Format",
+    "E4M3",
+    "E5M2",
+    "FORMATS",
+    "AMAX_EPS",
+    "get_format",
+    "compute_scale",
+    "scale_from_amax",
+    "quantize",
+    "dequantize",
+    "quantize_stochastic",
+]
+
+AMAX_EPS = 1e-12
+"""torchao's floor on amax (``EPS`` in ``float8_utils``), applied in float64 there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """An FP8 storage format: its dtype and its largest finite magnitude."""
+
+  name: str
+  dtype: jnp.dtype
+  max: float
+  mantissa_bits: int
+
+  def __repr__(self) -> str:
+    return f"fp8.{self.name.upper()}"
+
+
+E4M3 = Format("e4m3", jnp.dtype(jnp.float8_e4m3fn), 448.0, 3)
+"""float8_e4m3fn: weights and activations (max 448, no infinities)."""
+
+E5M2 = Format("e5m2", jnp.dtype(jnp.float8_e5m2), 57344.0, 2)
+"""float8_e5m2: output gradients (max 57344)."""
+
+FORMATS = {"e4m3": E4M3, "e5m2": E5M2}
+
+FormatLike = Union[Format, str, jnp.dtype, type]
+
+
+def get_format(fmt: FormatLike) -> Format:
+  """Returns the :class:`Format` for a Format, a name ('e4m3'/'e5m2') or a dtype."""
+  if isinstance(fmt, Format):
+    return fmt
+  if isinstance(fmt, str) and fmt.lower() in FORMATS:
+    return FORMATS[fmt.lower()]
+  try:
+    dtype = jnp.dtype(fmt)
+  except TypeError:
+    dtype = None
+  for f in FORMATS.values():
+    if dtype == f.dtype:
+      return f
+  raise ValueError(
+      f"unsupported FP8 format {fmt!r}: use fp8.E4M3, fp8.E5M2, 'e4m3' or 'e5m2'"
+  )
+
+
+def _eps_threshold() -> np.float32:
+  # amax is float32; torchao clamps it in float64 at 1e-12. float32(1e-12) is just below
+  # 1e-12, so every float32 amax <= float32(1e-12) clamps to exactly 1e-12.
+  return np.float32(AMAX_EPS)
+
+
+def scale_from_amax(amax: jax.Array, fmt: FormatLike) -> jax.Array:
+  """``fp32(max_fmt / max(amax, 1e-12))`` for an amax of any shape."""
+  fmt = get_format(fmt)
+  amax = jnp.asarray(amax, jnp.float32)
+  tiny_scale = np.float32(fmt.max / AMAX_EPS)  # the float64 quotient, rounded once
+  return jnp.where(
+      amax <= _eps_threshold(), tiny_scale, jnp.float32(fmt.max) / amax
+  ).astype(jnp.float32)
+
+
+def _amax(x: jax.Array, axis: Optional[Union[int, Sequence[int]]]) -> jax.Array:
+  # |x| and max are exact in x's own dtype; upcast the (small) result only.
+  return jnp.max(jnp.abs(x), axis=axis, keepdims=axis is not None).astype(jnp.float32)
+
+
+def compute_scale(
+    x: jax.Array,
+    fmt: FormatLike = E4M3,
+    *,
+    axis: Optional[Union[int, Sequence[int]]] = None,
+) -> jax.Array:
+  """The scale that maps ``amax(x)`` onto the format's largest value.
+
+  Args:
+    x: a floating array.
+    fmt: the target format.
+    axis: ``None`` for one per-tensor scale (a 0-d float32, the reference's default);
+      otherwise the axis or axes reduced for the amax, kept with size 1 so that the
+      scale broadcasts against ``x`` (e.g. ``axis=-1`` gives one scale per row).
+
+  Returns:
+    float32 scale(s).
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"compute_scale needs a floating array, got {x.dtype}")
+  return scale_from_amax(_amax(x, axis), fmt)
+
+
+def quantize(x: jax.Array, scale: jax.Array, fmt: FormatLike = E4M3) -> jax.Array:
+  """Saturating cast of ``x * scale`` to FP8, rounding to nearest even."""
+  fmt = get_format(fmt)
+  scaled = jnp.asarray(x).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+  return jnp.clip(scaled, -fmt.max, fmt.max).astype(fmt.dtype)
+
+
+def dequantize(
+    raw: jax.Array, scale: jax.Array, dtype: jnp.dtype = jnp.float32
+) -> jax.Array:
+  """``raw / scale`` computed in float32, returned in ``dtype``."""
+  raw = jnp.asarray(raw)
+  return (raw.astype(jnp.float32) / jnp.asarray(scale, jnp.float32)).astype(dtype)
+
+
+def quantize_stochastic(
+    scaled: jax.Array, key: jax.Array, fmt: FormatLike = E4M3
+) -> jax.Array:
+  """Stochastically rounds already-scaled float32 values to FP8, with saturation.
+
+  Each value goes to one of its two neighbouring FP8 values, up with probability equal to
+  its distance from the lower one over the gap, so the result is unbiased: a small merge
+  update survives in expectation instead of always rounding away. Values that are
+  exactly representable (including zero) come back unchanged, with no randomness.
+  """
+  fmt = get_format(fmt)
+  v = jnp.clip(jnp.asarray(scaled, jnp.float32), -fmt.max, fmt.max)
+  mag = jnp.abs(v)
+  # Non-negative FP8 values are monotone in their bit patterns, so the two neighbours of
+  # |v| are adjacent codes: take the nearest code, then step down if it overshot.
+  near = _bitcast(mag.astype(fmt.dtype), jnp.uint8)
+  near_val = _bitcast(near, fmt.dtype).astype(jnp.float32)
+  lo = jnp.where(near_val > mag, near - 1, near).astype(jnp.uint8)
+  top = _bitcast(jnp.asarray(fmt.max, fmt.dtype), jnp.uint8)
+  hi = jnp.minimum(lo + 1, top).astype(jnp.uint8)
+  lo_val = _bitcast(lo, fmt.dtype).astype(jnp.float32)
+  hi_val = _bitcast(hi, fmt.dtype).astype(jnp.float32)
+  gap = hi_val - lo_val
+  p_up = jnp.where(gap > 0, (mag - lo_val) / jnp.where(gap > 0, gap, 1.0), 0.0)
+  u = jax.random.uniform(key, v.shape, jnp.float32)
+  code = jnp.where(u < p_up, hi, lo)
+  sign = jnp.where(jnp.signbit(v), jnp.uint8(0x80), jnp.uint8(0))
+  return _bitcast(code | sign, fmt.dtype)
+
+
+def _bitcast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Same-width bit reinterpretation (fp8 <-> uint8)."""
+  return jax.lax.bitcast_convert_type(x, dtype)
