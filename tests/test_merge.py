@@ -1,0 +1,188 @@
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import falqon_jax
+from falqon_jax import fp8
+from falqon_jax._merge import write_rows
+import oracle
+
+IN, OUT, RANK = 64, 96, 16
+
+
+def _mk(rng, scaling="tensor", delta_std=0.05, shape=(IN, OUT, RANK)):
+  in_f, out_f, rank = shape
+  k = jnp.asarray(rng.standard_normal((in_f, out_f)) * 0.05, jnp.float32)
+  mk = falqon_jax.meld_kernel(k, rank, scaling=scaling)
+  # Distinct row norms so the top-k choice is unambiguous.
+  delta = rng.standard_normal((out_f, rank)) * delta_std * np.linspace(0.5, 1.5, out_f)[:, None]
+  return mk.replace(delta=jnp.asarray(rng.permutation(delta), jnp.float32))
+
+
+def _u8(a):
+  return np.asarray(a).view(np.uint8)
+
+
+@pytest.mark.parametrize("k", [1, 7, RANK, OUT])
+def test_merge_is_bit_exact_against_the_full_matrix_reference(rng, k):
+  mk = _mk(rng)
+  new = falqon_jax.merge_top_k(mk, k)
+  want, idx = oracle.merge_full_matrix(mk.qweight, mk.delta, k, OUT)
+  np.testing.assert_array_equal(_u8(new.qweight), _u8(want))
+  np.testing.assert_array_equal(np.sort(np.asarray(falqon_jax.select_rows(mk.delta, k))),
+                                np.sort(idx))
+  # Everything else untouched: other rows, the A rows, the scale; delta reset in full.
+  other = np.setdiff1d(np.arange(OUT + RANK), idx)
+  np.testing.assert_array_equal(_u8(new.qweight)[other], _u8(mk.qweight)[other])
+  assert float(new.scale) == float(mk.scale)
+  assert not np.any(np.asarray(new.delta))
+
+
+def test_dequantized_equivalence_within_half_ulp(rng):
+  mk = _mk(rng, delta_std=0.02)
+  new = falqon_jax.merge_top_k(mk, RANK)
+  idx = np.asarray(falqon_jax.select_rows(mk.delta, RANK))
+  s = float(mk.scale)
+  raw_old = np.asarray(mk.qweight).astype(np.float64)
+  want = raw_old[idx] / s + np.asarray(mk.delta, np.float64)[idx] @ (raw_old[OUT:] / s)
+  got = np.asarray(new.qweight).astype(np.float64)[idx] / s
+  assert np.all(np.abs(want) * s < 448)  # away from saturation
+  # Half an e4m3 ULP of the result (relative 2^-4 for normals, 2^-10 absolute below).
+  bound = np.maximum(np.abs(got) * s * 2.0**-4, 2.0**-10) / s
+  assert np.all(np.abs(got - want) <= bound * (1 + 1e-6))
+
+
+def test_update_below_half_ulp_leaves_row_unchanged(rng):
+  mk = _mk(rng)
+  tiny = np.zeros((OUT, RANK), np.float32)
+  tiny[5] = 1e-9  # far below half an ULP of any nonzero weight
+  new = falqon_jax.merge_top_k(mk.replace(delta=jnp.asarray(tiny)), 1)
+  np.testing.assert_array_equal(_u8(new.qweight), _u8(mk.qweight))
+
+
+def test_saturation_clamps_to_448_without_nan(rng):
+  mk = _mk(rng)
+  huge = np.asarray(mk.delta) * 0
+  huge[3] = 1e4
+  huge[7] = -1e4
+  new = falqon_jax.merge_top_k(mk.replace(delta=jnp.asarray(huge, jnp.float32)), 2)
+  rows = np.asarray(new.qweight.astype(jnp.float32))[[3, 7]]
+  assert np.all(np.isfinite(rows)) and np.abs(rows).max() == 448.0
+  assert np.sum(np.abs(rows) == 448.0) > IN // 2
+
+
+def test_reset_merged_keeps_unmerged_rows_accumulating(rng):
+  mk = _mk(rng)
+  new = falqon_jax.merge_top_k(mk, 8, reset="merged")
+  idx = np.asarray(falqon_jax.select_rows(mk.delta, 8))
+  d_new, d_old = np.asarray(new.delta), np.asarray(mk.delta)
+  assert not np.any(d_new[idx])
+  keep = np.setdiff1d(np.arange(OUT), idx)
+  np.testing.assert_array_equal(d_new[keep], d_old[keep])
+  # The merged bytes do not depend on the reset mode.
+  np.testing.assert_array_equal(_u8(new.qweight), _u8(falqon_jax.merge_top_k(mk, 8).qweight))
+
+
+def test_stochastic_rounding_neighbours_unbiased_and_keyed(rng):
+  mk = _mk(rng, delta_std=0.01)
+  k = 4
+  idx = np.asarray(falqon_jax.select_rows(mk.delta, k))
+  raw = np.asarray(mk.qweight).astype(np.float64)
+  exact = raw[idx] + np.asarray(mk.delta, np.float64)[idx] @ raw[OUT:]
+  keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 300)
+  merge = jax.jit(lambda m, key: falqon_jax.merge_top_k(m, k, rounding="stochastic", key=key).qweight)
+  samples = np.stack([np.asarray(merge(mk, key)).astype(np.float64)[idx] for key in keys])
+  lo = np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.float8_e4m3fn)).astype(np.float64)
+  # Each sample is one of the two e4m3 neighbours of the exact value.
+  codes = np.arange(0, 0x7F, dtype=np.uint8).view(oracle.E4M3).astype(np.float64)
+  below = np.array([codes[codes <= abs(v)].max() for v in exact.ravel()]).reshape(exact.shape)
+  above = np.array([codes[codes >= abs(v)].min() for v in exact.ravel()]).reshape(exact.shape)
+  mag = np.abs(samples)
+  assert np.all((mag == below) | (mag == above))
+  # Unbiased: the mean over keys tracks the exact value far better than nearest rounding.
+  mean_err = np.abs(samples.mean(0) - exact).mean()
+  nearest_err = np.abs(lo - exact).mean()
+  assert mean_err < 0.35 * nearest_err
+  other = np.setdiff1d(np.arange(OUT + RANK), idx)
+  np.testing.assert_array_equal(np.asarray(merge(mk, keys[0])).view(np.uint8)[other], _u8(mk.qweight)[other])
+  np.testing.assert_array_equal(_u8(merge(mk, keys[1])), _u8(merge(mk, keys[1])))
+
+
+def test_row_scaling_merges_in_value_space_and_rescales_instead_of_clipping(rng):
+  mk = _mk(rng, scaling="row")
+  new = falqon_jax.merge_top_k(mk, RANK)
+  idx = np.asarray(falqon_jax.select_rows(mk.delta, RANK))
+  s_old, s_new = np.asarray(mk.scale, np.float64), np.asarray(new.scale, np.float64)
+  raw_old = np.asarray(mk.qweight).astype(np.float64)
+  a_val = raw_old[OUT:] / s_old[OUT:, None]
+  want = raw_old[idx] / s_old[idx, None] + np.asarray(mk.delta, np.float64)[idx] @ a_val
+  got = np.asarray(new.qweight).astype(np.float64)[idx] / s_new[idx, None]
+  assert np.abs(got - want).max() <= 2.0**-4 * np.abs(want).max()
+  other = np.setdiff1d(np.arange(OUT + RANK), idx)
+  np.testing.assert_array_equal(_u8(new.qweight)[other], _u8(mk.qweight)[other])
+  np.testing.assert_array_equal(s_new[other], s_old[other])
+  # A huge update widens that row's range: no clipping, the value survives.
+  huge = np.zeros((OUT, RANK), np.float32)
+  huge[9] = 50.0
+  big = falqon_jax.merge_top_k(mk.replace(delta=jnp.asarray(huge)), 1)
+  want9 = raw_old[9] / s_old[9] + huge[9].astype(np.float64) @ a_val
+  got9 = np.asarray(big.qweight).astype(np.float64)[9] / float(big.scale[9])
+  assert float(big.scale[9]) < s_old[9]
+  assert np.abs(got9 - want9).max() <= 2.0**-4 * np.abs(want9).max()
+  assert np.abs(np.asarray(big.qweight.astype(jnp.float32))[9]).max() == 448.0
+
+
+@pytest.mark.parametrize("via_bits", [True, False])
+def test_both_write_paths_give_the_same_bytes(rng, via_bits):
+  q = jnp.asarray(rng.standard_normal((40, 32)) * 50, jnp.float32).astype(jnp.float8_e4m3fn)
+  rows = jnp.asarray(rng.choice(40, 6, replace=False), jnp.int32)
+  new = jnp.asarray(rng.standard_normal((6, 32)) * 50, jnp.float32).astype(jnp.float8_e4m3fn)
+  got = write_rows(q, rows, new, via_bits=via_bits)
+  want = _u8(q).copy()
+  want[np.asarray(rows)] = _u8(new)
+  np.testing.assert_array_equal(_u8(got), want)
+
+
+def test_merge_touches_only_k_rows_and_updates_in_place_when_donated(rng):
+  mk = _mk(rng, shape=(512, 1024, 64))
+  merge = jax.jit(lambda m: falqon_jax.merge_top_k(m, 64), donate_argnums=0)
+  compiled = merge.lower(mk).compile()
+  text = compiled.as_text()
+  # No full-size f32 copy of the weight (the reference's upcast of everything).
+  assert not re.search(r"f32\[1088,512\]", text)
+  mem = compiled.memory_analysis()
+  nbytes = mk.qweight.size
+  assert mem.alias_size_in_bytes >= nbytes  # the output reuses the donated buffer
+  # Temp holds the byte view the CPU backend materializes (see write_rows), two
+  # delta-sized buffers and the k gathered rows: far below one f32 copy of the weight.
+  delta_bytes = 4 * mk.delta.size
+  assert mem.temp_size_in_bytes <= nbytes + 2 * delta_bytes + 3 * (64 * 512 * 4)
+  assert mem.temp_size_in_bytes < 4 * nbytes
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_randomized_shapes_match_reference(seed):
+  r = np.random.default_rng(200 + seed)
+  in_f, out_f = (int(r.integers(1, 6)) * 16 for _ in range(2))
+  rank = int(r.integers(1, min(in_f, out_f) + 1))
+  mk = _mk(r, shape=(in_f, out_f, rank))
+  k = int(r.integers(1, out_f + 1))
+  want, _ = oracle.merge_full_matrix(mk.qweight, mk.delta, k, out_f)
+  np.testing.assert_array_equal(_u8(falqon_jax.merge_top_k(mk, k).qweight), _u8(want))
+
+
+def test_bad_input_errors(rng):
+  mk = _mk(rng)
+  with pytest.raises(ValueError, match=r"k must be an int in \[1, out\] = \[1, 96\]"):
+    falqon_jax.merge_top_k(mk, OUT + 1)
+  with pytest.raises(ValueError, match="k must be"):
+    falqon_jax.merge_top_k(mk, 0)
+  with pytest.raises(ValueError, match="reset must be one of"):
+    falqon_jax.merge_top_k(mk, 4, reset="some")
+  with pytest.raises(ValueError, match="needs key"):
+    falqon_jax.merge_top_k(mk, 4, rounding="stochastic")
+  with pytest.raises(TypeError, match="needs a MeldedKernel"):
+    falqon_jax.merge_top_k(mk.qweight, 4)

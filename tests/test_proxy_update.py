@@ -1,0 +1,182 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import falqon_jax
+
+IN, OUT, RANK = 64, 96, 16
+
+
+def _params(rng, extra=True):
+  k = jnp.asarray(rng.standard_normal((IN, OUT)) * 0.05, jnp.float32)
+  p = {"layer": {"kernel": k, "bias": jnp.zeros(OUT)}}
+  if extra:
+    p["head"] = {"kernel": jnp.asarray(rng.standard_normal((OUT, 10)), jnp.float32)}
+  melded, _ = falqon_jax.meld(p, rank=RANK, targets=r"layer/kernel$")
+  return melded
+
+
+def _grads(params, delta_grad, other=0.0):
+  """A gradient tree shaped like jax.grad's, with a chosen delta gradient."""
+  def g(x):
+    if isinstance(x, falqon_jax.MeldedKernel):
+      return x.replace(qweight=jnp.zeros_like(x.qweight), scale=jnp.zeros_like(x.scale),
+                       delta=jnp.asarray(delta_grad, jnp.float32))
+    return jnp.full_like(x, other)
+  return jax.tree_util.tree_map(g, params, is_leaf=lambda x: isinstance(x, falqon_jax.MeldedKernel))
+
+
+def _step(tx, params, state, grads):
+  updates, state = tx.update(grads, state, params)
+  return falqon_jax.apply_updates(params, updates), state
+
+
+def _changed_rows(a, b):
+  return np.flatnonzero(np.any(np.asarray(a.qweight).view(np.uint8) != np.asarray(b.qweight).view(np.uint8), axis=1))
+
+
+def test_one_step_adam_then_merge_of_the_largest_rows(rng):
+  params = _params(rng)
+  mk = params["layer"]["kernel"]
+  g = rng.standard_normal((OUT, RANK)).astype(np.float32)
+  g[:, RANK // 2:] = 0.0
+  g[5] = rng.standard_normal(RANK) + 3.0  # the only full row: the largest L1 after Adam
+  lr, eps = 0.05, 1e-8
+  tx = falqon_jax.proxy_update(optax.adam(lr, eps=eps), top_k=1, reset="merged")
+  state = tx.init(params)
+  new, state = _step(tx, params, state, _grads(params, g))
+  b = -lr * g / (np.abs(g) + eps)  # Adam's bias-corrected first step
+  d = np.asarray(new["layer"]["kernel"].delta)
+  keep = np.arange(OUT) != 5
+  # f32 bias correction (1 - 0.999 in f32) makes this approximate at ~1e-5.
+  np.testing.assert_allclose(d[keep], b[keep], rtol=2e-5)
+  assert not np.any(d[5])
+  assert list(_changed_rows(new["layer"]["kernel"], mk)) == [5]
+  raw = np.asarray(mk.qweight).astype(np.float64)
+  want = raw[5] + b[5].astype(np.float64) @ raw[OUT:]
+  got = np.asarray(new["layer"]["kernel"].qweight).astype(np.float64)[5]
+  assert np.all(np.abs(got - want) <= np.maximum(np.abs(got) * 2.0**-4, 2.0**-10) + 1e-6)
+  adam = state.inner_state.inner_state[0]
+  assert int(adam.count) == 1 and int(state.count) == 1
+  np.testing.assert_allclose(np.asarray(adam.mu["layer"]["kernel"]), 0.1 * g, rtol=1e-6)
+  # Everything that is not a delta is frozen.
+  np.testing.assert_array_equal(np.asarray(new["head"]["kernel"]), np.asarray(params["head"]["kernel"]))
+
+
+def test_reference_default_merges_rank_rows_and_resets_all(rng):
+  params = _params(rng)
+  tx = falqon_jax.proxy_update(optax.adam(0.05))
+  state = tx.init(params)
+  g = rng.standard_normal((OUT, RANK)).astype(np.float32)
+  new, state = _step(tx, params, state, _grads(params, g))
+  assert len(_changed_rows(new["layer"]["kernel"], params["layer"]["kernel"])) == RANK
+  assert not np.any(np.asarray(new["layer"]["kernel"].delta))
+  assert float(new["layer"]["kernel"].scale) == float(params["layer"]["kernel"].scale)
+
+
+def test_warmup_merges_rank_rows_then_top_k(rng):
+  params = _params(rng)
+  tx = falqon_jax.proxy_update(optax.sgd(0.5), top_k=3, warmup_steps=2)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: _step(tx, p, s, g))
+  counts = []
+  for _ in range(4):
+    g = _grads(params, rng.standard_normal((OUT, RANK)))
+    new, state = step(params, state, g)
+    counts.append(len(_changed_rows(new["layer"]["kernel"], params["layer"]["kernel"])))
+    params = new
+  assert counts == [RANK, RANK, 3, 3]
+
+
+def test_non_finite_step_is_skipped_and_counted(rng):
+  params = _params(rng)
+  tx = falqon_jax.proxy_update(optax.adam(0.05), reset="merged", top_k=4)
+  state = tx.init(params)
+  params, state = _step(tx, params, state, _grads(params, rng.standard_normal((OUT, RANK))))
+  before_p, before_s = params, state
+  bad = rng.standard_normal((OUT, RANK)).astype(np.float32)
+  bad[3, 2] = np.nan
+  params, state = _step(tx, params, state, _grads(params, bad))
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(before_p)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert int(state.skipped) == 1 and int(state.count) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(state.inner_state.inner_state),
+                  jax.tree_util.tree_leaves(before_s.inner_state.inner_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  params, state = _step(tx, params, state, _grads(params, rng.standard_normal((OUT, RANK))))
+  assert int(state.count) == 2 and int(state.skipped) == 1
+
+
+def test_reset_merged_accumulates_unmerged_rows_across_steps(rng):
+  params = _params(rng)
+  tx = falqon_jax.proxy_update(optax.sgd(1e-3), top_k=2, reset="merged")
+  state = tx.init(params)
+  g = np.ones((OUT, RANK), np.float32)
+  g[:2] *= 10  # rows 0 and 1 merge first
+  params, state = _step(tx, params, state, _grads(params, g))
+  params, state = _step(tx, params, state, _grads(params, g))
+  d = np.asarray(params["layer"]["kernel"].delta)
+  # Rows never merged hold two steps of -lr * g.
+  np.testing.assert_allclose(d[10], -2e-3 * g[10], rtol=1e-6)
+
+
+def test_clipping_inside_inner_sees_only_deltas(rng):
+  params = _params(rng)
+  tx = falqon_jax.proxy_update(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)),
+                               top_k=1, reset="merged")
+  state = tx.init(params)
+  g = rng.standard_normal((OUT, RANK)).astype(np.float32)
+  # The frozen head gets an enormous gradient; the clip must not see it.
+  new, _ = _step(tx, params, state, _grads(params, g, other=1e6))
+  d = np.asarray(new["layer"]["kernel"].delta)
+  merged = _changed_rows(new["layer"]["kernel"], params["layer"]["kernel"])
+  keep = np.setdiff1d(np.arange(OUT), merged)
+  np.testing.assert_allclose(d[keep], -(g / np.linalg.norm(g))[keep], rtol=1e-5)
+
+
+def test_composes_with_schedules_under_jit_with_donation(rng):
+  params = _params(rng)
+  sched = optax.warmup_cosine_decay_schedule(0.0, 0.05, 2, 10)
+  tx = falqon_jax.proxy_update(optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(sched, weight_decay=0.0)))
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: _step(tx, p, s, g), donate_argnums=(0, 1))
+  q0 = np.asarray(params["layer"]["kernel"].qweight).copy()
+  for _ in range(3):
+    params, state = step(params, state, _grads(params, rng.standard_normal((OUT, RANK))))
+  assert int(state.count) == 3
+  assert np.any(np.asarray(params["layer"]["kernel"].qweight).view(np.uint8) != q0.view(np.uint8))
+
+
+def test_stochastic_rounding_is_deterministic_per_key(rng):
+  params = _params(rng)
+  g = _grads(params, rng.standard_normal((OUT, RANK)))
+  outs = []
+  for seed in (0, 0, 1):
+    tx = falqon_jax.proxy_update(optax.sgd(1e-3), rounding="stochastic", key=jax.random.key(seed))
+    new, _ = _step(tx, params, tx.init(params), g)
+    outs.append(np.asarray(new["layer"]["kernel"].qweight).view(np.uint8))
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert np.any(outs[0] != outs[2])
+
+
+def test_misuse_errors(rng):
+  params = _params(rng)
+  tx = falqon_jax.proxy_update(optax.adam(1e-3))
+  state = tx.init(params)
+  updates, _ = tx.update(_grads(params, np.ones((OUT, RANK))), state, params)
+  with pytest.raises((ValueError, TypeError)):
+    optax.apply_updates(params, updates)  # would add FP8 bytes: refused
+  with pytest.raises(TypeError, match="must come from falqon_jax.proxy_update"):
+    falqon_jax.apply_updates(params, _grads(params, np.ones((OUT, RANK))))
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(_grads(params, np.ones((OUT, RANK))), state)
+  with pytest.raises(ValueError, match="holds no MeldedKernel"):
+    tx.init({"w": jnp.ones((4, 4))})
+  with pytest.raises(ValueError, match="top_k=200 exceeds the 96 rows"):
+    falqon_jax.proxy_update(optax.adam(1e-3), top_k=200).init(params)
+  with pytest.raises(ValueError, match="needs key"):
+    falqon_jax.proxy_update(optax.adam(1e-3), rounding="stochastic")
+  with pytest.raises(ValueError, match="top_k must be None or a positive int"):
+    falqon_jax.proxy_update(optax.adam(1e-3), top_k=0)
