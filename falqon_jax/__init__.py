@@ -10,7 +10,7 @@ The public API is re-exported here; the implementation lives in private modules.
 
 from falqon_jax import fp8
 from falqon_jax._meld import DEFAULT_EXCLUDE, MeldedLayer, MeldReport, SkippedLeaf, meld, unmeld
-from falqon_jax._melded_dense import melded_dense
+from falqon_jax._melded_dense import dense, melded_dense
 from falqon_jax._melded_kernel import MeldedKernel, meld_kernel
 from falqon_jax._merge import merge_top_k, select_rows
 from falqon_jax._proxy_update import (
@@ -36,6 +36,7 @@ __all__ = [
     "meld",
     "unmeld",
     "melded_dense",
+    "dense",
     "merge_top_k",
     "select_rows",
     "proxy_update",

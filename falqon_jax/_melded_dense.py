@@ -127,3 +127,14 @@ def melded_dense(
   if bias is not None:
     y = y + bias.astype(y.dtype)
   return y
+
+
+def dense(x: jax.Array, kernel, bias: Optional[jax.Array] = None) -> jax.Array:
+  """``x @ kernel + bias`` for a plain ``(in, out)`` kernel or a :class:`MeldedKernel`.
+
+  Lets one model function run both before and after :func:`falqon_jax.meld`.
+  """
+  if isinstance(kernel, MeldedKernel):
+    return melded_dense(x, kernel, bias)
+  y = jnp.dot(x, kernel.astype(x.dtype))
+  return y if bias is None else y + bias.astype(y.dtype)
