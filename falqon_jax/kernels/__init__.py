@@ -14,7 +14,7 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> from falqon_jax import kernels
   >>> x = jax.random.normal(jax.random.key(0), (6, 10), jnp.bfloat16)
-  >>> q, s = kernels.quantize(x, "e4m3", axis=-1, implementation=("pallas", "xla"))
+  >>> q, s = kernels.quantize(x, "e4m3", axis=-1, implementation="pallas")
   >>> q.dtype, s.shape
   (dtype(float8_e4m3fn), (6, 1))
 """

@@ -46,9 +46,17 @@ def _assert_same(got, want):
                                 np.asarray(want[1]).view(np.uint32))
 
 
-@pytest.mark.parametrize("scaling", ["tensor", "row"])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("active", [None, 4])
+@pytest.mark.parametrize(
+    "scaling, rounding, active",
+    [
+        ("tensor", "nearest", None),
+        ("tensor", "stochastic", None),
+        ("row", "nearest", None),
+        ("row", "stochastic", None),
+        ("tensor", "stochastic", 4),  # active masking, with padded block rows
+        ("row", "nearest", 4),
+    ],
+)
 def test_pallas_matches_reference(rng, scaling, rounding, active):
   # Large updates: tensor-scaled rows clip at ±448, row-scaled rows shrink their scale.
   qweight, scale, delta, rows = _case(rng, scaling, delta_scale=40.0)
