@@ -80,7 +80,9 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Optional[d
   """Writes ``{name: array}`` to ``path`` in safetensors format."""
   header, offset, arrays = {}, 0, []
   for name in sorted(tensors):
-    arr = np.ascontiguousarray(np.asarray(tensors[name]))
+    arr = np.asarray(tensors[name])
+    if not arr.flags.c_contiguous:
+      arr = np.ascontiguousarray(arr)  # (ascontiguousarray would make a 0-d array 1-d)
     if arr.dtype not in NAMES:
       raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
     header[name] = {

@@ -1,0 +1,276 @@
+"""Export melded HF Flax models as Hugging Face folders: FP8 for vLLM, or dequantized bf16.
+
+FALQON trains straight into the FP8 backbone, so the FP8 export is the trained weights
+themselves, with no post-training quantization.
+
+:func:`save_fp8` writes vLLM's ``fp8`` serialized-checkpoint format. Checked against
+``vllm-project/vllm`` ``vllm/model_executor/layers/quantization/fp8.py`` (2025 main,
+commit 0071b24b, vLLM 0.9/0.10 era; the format dates from vLLM 0.4.2 / AutoFP8):
+
+* ``config.json`` ``quantization_config = {"quant_method": "fp8", "activation_scheme":
+  "dynamic", "ignored_layers": [...]}``: ``Fp8Config.from_config`` reads
+  ``quant_method`` (``"fp8" in quant_method`` means serialized FP8 weights),
+  ``activation_scheme`` (``"static"`` or ``"dynamic"``; dynamic needs no
+  ``input_scale``) and optional ``ignored_layers`` (module names loaded unquantized).
+* per melded linear ``<module>.weight``: ``float8_e4m3fn``, shape ``(out, in)``
+  (``Fp8LinearMethod.create_weights``: ``output_size_per_partition x
+  input_size_per_partition``) -- the backbone rows only, the ``A`` rows dropped;
+* ``<module>.weight_scale``: float32 per-tensor scale (``PerTensorScaleParameter``), a
+  *dequantization multiplier*: ``W = weight * weight_scale``. FALQON's scale multiplies
+  the other way (``raw = W * scale``), so ``weight_scale = 1 / scale``. vLLM fuses
+  q/k/v and gate/up and requantizes them to the max of the per-shard scales.
+* every other tensor (embeddings, norms, LM head, unmelded kernels) untouched, in its
+  own dtype or ``dtype=``.
+
+vLLM's fp8 format is per-tensor only, so kernels melded with ``scaling="row"`` are refused,
+and GPT-2 (``Conv1D``, stored transposed) is left to :func:`save_bf16`.
+
+Example:
+  >>> import jax, falqon_jax.hf as fh
+  >>> from falqon_jax import export
+  >>> model = fh.build_model(fh.tiny_config("llama"))
+  >>> params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+  >>> export.save_fp8("/tmp/falqon-doctest-fp8", model, params, overwrite=True)
+  '/tmp/falqon-doctest-fp8'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax.hf import _arch
+from falqon_jax.hf import _safetensors as st
+
+__all__ = ["save_fp8", "save_bf16"]
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+)
+_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
+                "flax_model.msgpack", "pytorch_model.bin")
+
+
+def _is_melded(x) -> bool:
+  return isinstance(x, MeldedKernel)
+
+
+def _flat(params) -> list[tuple[tuple[str, ...], Any]]:
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_melded)[0]
+  return [(tuple(str(getattr(k, "key", k)) for k in kp), leaf) for kp, leaf in leaves]
+
+
+def _check_target(folder: str, overwrite: bool) -> str:
+  folder = os.path.abspath(folder)
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise FileExistsError(f"{folder} exists and is not a folder; choose another path")
+  if os.path.isdir(folder) and not overwrite:
+    held = [f for f in os.listdir(folder) if f in _MODEL_FILES or f.endswith(".safetensors")]
+    if held:
+      raise FileExistsError(
+          f"{folder} already holds a model ({held[0]}); pass overwrite=True to replace it"
+      )
+  return folder
+
+
+def _write_atomic(folder: str, write) -> str:
+  """Writes into a temp folder beside ``folder``, then renames it into place."""
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+  try:
+    write(tmp)
+    if os.path.exists(folder):
+      old = tmp + ".old"
+      os.rename(folder, old)
+      os.rename(tmp, folder)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, folder)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return folder
+
+
+def _write_weights(tmp: str, tensors: dict, max_shard_bytes: Optional[int]):
+  total = sum(a.nbytes for a in tensors.values())
+  if not max_shard_bytes or total <= max_shard_bytes:
+    st.save_file(tensors, os.path.join(tmp, "model.safetensors"), {"format": "pt"})
+    return
+  shards, cur, size = [], {}, 0
+  for name in sorted(tensors):
+    if cur and size + tensors[name].nbytes > max_shard_bytes:
+      shards.append(cur)
+      cur, size = {}, 0
+    cur[name] = tensors[name]
+    size += tensors[name].nbytes
+  shards.append(cur)
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    st.save_file(shard, os.path.join(tmp, fname), {"format": "pt"})
+    weight_map.update({name: fname for name in shard})
+  with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _write_tokenizer(tmp: str, tokenizer):
+  if tokenizer is None:
+    return
+  if isinstance(tokenizer, (str, os.PathLike)):
+    if not os.path.isdir(tokenizer):
+      raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
+    found = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, f))]
+    if not found:
+      raise FileNotFoundError(f"{tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    for f in found:
+      shutil.copy2(os.path.join(tokenizer, f), os.path.join(tmp, f))
+  elif hasattr(tokenizer, "save_pretrained"):
+    tokenizer.save_pretrained(tmp)
+  else:
+    raise TypeError("tokenizer must be a folder path or have save_pretrained()")
+
+
+def _config_dict(model, dtype_name: str, quantization: Optional[dict]) -> dict:
+  config = model.config.to_dict()
+  config["torch_dtype"] = dtype_name
+  config.pop("quantization_config", None)
+  if quantization is not None:
+    config["quantization_config"] = quantization
+  return config
+
+
+def _dtype_name(arrays) -> str:
+  dtypes = {np.dtype(a.dtype) for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)}
+  for name, dt in (("float32", np.float32), ("bfloat16", st.DTYPES["BF16"]),
+                   ("float16", np.float16)):
+    if np.dtype(dt) in dtypes:
+      return name
+  return "bfloat16"
+
+
+def _plain(path, leaf, dtype):
+  arr = np.asarray(leaf)
+  if _arch.needs_transpose(path, arr.ndim):
+    arr = arr.T
+  if dtype is not None and jnp.issubdtype(arr.dtype, jnp.floating):
+    arr = arr.astype(jnp.dtype(dtype))
+  return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+
+
+def save_fp8(
+    folder: str,
+    model,
+    params,
+    *,
+    tokenizer=None,
+    dtype=None,
+    overwrite: bool = False,
+    max_shard_bytes: Optional[int] = None,
+) -> str:
+  """Writes a HF folder in vLLM's ``fp8`` checkpoint format (see the module docstring).
+
+  Args:
+    folder: the output folder. An existing model folder is refused unless ``overwrite``.
+    model: the transformers Flax model (its config and family name the tensors).
+    params: its params, with :class:`~falqon_jax.MeldedKernel` s for melded layers. A
+      pending ΔBuffer is not folded in (the forward ignores it too).
+    tokenizer: a tokenizer (``save_pretrained``) or a folder to copy tokenizer files from.
+    dtype: cast the non-FP8 float tensors to this dtype (e.g. ``jnp.bfloat16``); None
+      keeps their dtype, so the export reloads bit-exact.
+    overwrite: replace an existing model folder.
+    max_shard_bytes: split into shards plus ``model.safetensors.index.json`` above this.
+
+  Returns:
+    The absolute folder path. The folder appears only once complete (temp folder, rename).
+  """
+  folder = _check_target(folder, overwrite)
+  model_type = model.config.model_type
+  if model_type == "gpt2":
+    raise ValueError(
+        "save_fp8: GPT-2's Conv1D weights are stored (in, out), which vLLM's fp8 loader"
+        " does not take; use falqon_jax.export.save_bf16 for GPT-2"
+    )
+  _arch.check_model_type(model_type, "save_fp8")
+  tensors, ignored, others = {}, [], []
+  for path, leaf in _flat(params):
+    name = _arch.pt_name(path)
+    module = name.rsplit(".", 1)[0]
+    if isinstance(leaf, MeldedKernel):
+      if leaf.scaling != "tensor":
+        raise ValueError(
+            f"save_fp8: {'/'.join(path)} uses scaling='row'; vLLM's fp8 format is"
+            " per-tensor only: meld with scaling='tensor' or use save_bf16"
+        )
+      tensors[name] = np.asarray(leaf.qweight[: leaf.out_features])
+      inv = np.float32(1.0) / np.asarray(leaf.scale, np.float32)
+      tensors[module + ".weight_scale"] = np.asarray(inv, np.float32).reshape(())
+      continue
+    tensors[name] = _plain(path, leaf, dtype)
+    others.append(tensors[name])
+    if path[-1] == "kernel" and tensors[name].ndim == 2 and path[0] != "lm_head":
+      ignored.append(module)
+  if not any(isinstance(l, MeldedKernel) for _, l in _flat(params)):
+    raise ValueError("save_fp8: params hold no MeldedKernel; meld first or use save_bf16")
+  quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ignored}
+  config = _config_dict(model, _dtype_name(others), quant)
+
+  def write(tmp):
+    _write_weights(tmp, tensors, max_shard_bytes)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    _write_tokenizer(tmp, tokenizer)
+
+  return _write_atomic(folder, write)
+
+
+def save_bf16(
+    folder: str,
+    model,
+    params,
+    *,
+    tokenizer=None,
+    dtype=jnp.bfloat16,
+    overwrite: bool = False,
+    max_shard_bytes: Optional[int] = None,
+) -> str:
+  """Writes a standard HF safetensors folder with every melded kernel dequantized.
+
+  Melded kernels become their dequantized backbone (``A`` dropped, a pending ΔBuffer not
+  folded in); all float tensors are cast to ``dtype`` (bf16 by default). Works for all
+  supported families, GPT-2 included. Other arguments as for :func:`save_fp8`.
+
+  Example:
+    >>> import jax, falqon_jax.hf as fh
+    >>> from falqon_jax import export
+    >>> model = fh.build_model(fh.tiny_config("gpt2"))
+    >>> params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+    >>> export.save_bf16("/tmp/falqon-doctest-bf16", model, params, overwrite=True)
+    '/tmp/falqon-doctest-bf16'
+  """
+  folder = _check_target(folder, overwrite)
+  _arch.check_model_type(model.config.model_type, "save_bf16")
+  tensors = {}
+  for path, leaf in _flat(params):
+    if isinstance(leaf, MeldedKernel):
+      leaf = leaf.backbone(jnp.float32)  # the layout of the param it replaces
+    tensors[_arch.pt_name(path)] = _plain(path, leaf, dtype)
+  config = _config_dict(model, str(jnp.dtype(dtype)) if dtype else "float32", None)
+
+  def write(tmp):
+    _write_weights(tmp, tensors, max_shard_bytes)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    _write_tokenizer(tmp, tokenizer)
+
+  return _write_atomic(folder, write)
