@@ -64,11 +64,10 @@ def compute_merged_rows(
   Both raw operands share one scale, so no descale is needed.
 
   Row scaling: the update is computed in value space, and a row whose new amax would
-  saturate gets a smaller scale (a wider range) instead of clipping. Rows whose update
-  is zero come back bit-identical, as with tensor scaling.
+  saturate gets a smaller scale (a wider range) instead of clipping.
 
   ``active``, if given, is a traced count: only the first ``active`` of the selected rows
-  (in top-k order) receive their update; the rest are rewritten unchanged.
+  (in top-k order) are merged; the rest are rewritten with their own bytes.
 
   Returns:
     ``(new_rows_fp8 (k, in), new_row_scales (k,) or the unchanged 0-d scale)``.
@@ -77,9 +76,6 @@ def compute_merged_rows(
   raw_rows = fp8._bitcast(bits[rows], qweight.dtype).astype(jnp.float32)
   raw_a = fp8._bitcast(bits[out_features:], qweight.dtype).astype(jnp.float32)
   d_rows = delta[rows].astype(jnp.float32)
-  if active is not None:
-    live = jnp.arange(rows.shape[0]) < active
-    d_rows = jnp.where(live[:, None], d_rows, 0.0)
   hi = lax.Precision.HIGHEST
   if scaling == "row":
     row_scale = scale[rows]
@@ -96,6 +92,13 @@ def compute_merged_rows(
     new = fp8.quantize_stochastic(v, key, fp8.E4M3)
   else:
     new = fp8.quantize(v, 1.0, fp8.E4M3)
+  if active is not None:
+    # Rows past `active` keep their own bytes. (Adding a zero update would also keep their
+    # values, but turns a -0 code into +0, as it does for merged rows in the reference.)
+    live = jnp.arange(rows.shape[0]) < active
+    new = jnp.where(live[:, None], new, fp8._bitcast(bits[rows], qweight.dtype))
+    if scaling == "row":
+      new_scale = jnp.where(live, new_scale, row_scale)
   return new, new_scale
 
 

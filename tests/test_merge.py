@@ -186,3 +186,22 @@ def test_bad_input_errors(rng):
     falqon_jax.merge_top_k(mk, 4, rounding="stochastic")
   with pytest.raises(TypeError, match="needs a MeldedKernel"):
     falqon_jax.merge_top_k(mk.qweight, 4)
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_inactive_rows_keep_their_bytes_including_negative_zero(rng, scaling):
+  from falqon_jax._merge import merge_rows
+  mk = _mk(rng, scaling=scaling)
+  bits = np.asarray(mk.qweight).view(np.uint8).copy()
+  bits[:OUT, ::3] = 0x80  # -0 codes in every backbone row
+  mk = mk.replace(qweight=jnp.asarray(bits.view(oracle.E4M3)))
+  idx = np.asarray(falqon_jax.select_rows(mk.delta, 8))
+  for active in (0, 3):
+    new = merge_rows(mk, 8, reset="merged", active=jnp.int32(active))
+    got = _u8(new.qweight)
+    untouched = np.setdiff1d(np.arange(OUT + RANK), idx[:active])
+    np.testing.assert_array_equal(got[untouched], bits[untouched])
+    np.testing.assert_array_equal(np.asarray(new.scale)[untouched] if scaling == "row" else 0,
+                                  np.asarray(mk.scale)[untouched] if scaling == "row" else 0)
+    d = np.asarray(new.delta)
+    np.testing.assert_array_equal(d[idx[active:]], np.asarray(mk.delta)[idx[active:]])

@@ -103,10 +103,11 @@ def _round_stochastic(v, u, interpret):
   return lax.bitcast_convert_type(code | sign, FMT.dtype)
 
 
-def _merge_kernel(rows_ref, upd_ref, u_ref, rs_ref, q_in_ref, q_ref, ns_ref, *,
+def _merge_kernel(live_ref, rows_ref, upd_ref, u_ref, rs_ref, q_in_ref, q_ref, ns_ref, *,
                   k, n, bn, stochastic, row_scaling, interpret):
   del q_in_ref  # aliased with q_ref: read and write through the output ref
   i = pl.program_id(0)
+  n_live = live_ref[0]  # rows past `active` keep their own bytes: never written
   (kb,) = rows_ref.shape
   row_ok = _pallas.iota2((kb, 1), 0, i * kb) < k
   rows = rows_ref[...][:, None]  # padded to the block: in bounds, pads point past the end
@@ -127,7 +128,7 @@ def _merge_kernel(rows_ref, upd_ref, u_ref, rs_ref, q_in_ref, q_ref, ns_ref, *,
       new = _round_stochastic(v, _pallas.load(u_ref.at[sel, cols], mask), interpret)
     else:
       new = jnp.clip(v, -FMT.max, FMT.max).astype(FMT.dtype)
-    _pallas.store(q_ref.at[qrows, cols], new, mask)
+    _pallas.store(q_ref.at[qrows, cols], new, mask & (sel < n_live))
 
   if not row_scaling:
     write(pl.program_id(1) * bn, None)
@@ -178,6 +179,7 @@ def merge_pallas(
   # Padding rows point past the end: masked on Triton, and dropped (not a duplicate of a
   # real row, which would race with it) by interpret mode's scatter.
   rows_p = jnp.pad(rows, (0, gk * kb - k), constant_values=m)
+  live = jnp.reshape(jnp.asarray(k if active is None else active, jnp.int32), (1,))
   rs = scale[rows][:, None] if row_scaling else jnp.zeros((k, 1), jnp.float32)
   rs = jnp.pad(rs, ((0, gk * kb - k), (0, 0)))
   grid = (gk, 1 if row_scaling else pl.cdiv(n, bn))
@@ -190,16 +192,16 @@ def merge_pallas(
       kernel,
       grid=grid,
       in_specs=[
-          pl.BlockSpec((kb,), lambda i, j: (i,)), whole(upd), whole(u),
+          whole(live), pl.BlockSpec((kb,), lambda i, j: (i,)), whole(upd), whole(u),
           pl.BlockSpec((kb, 1), lambda i, j: (i, 0)), whole(qweight),
       ],
       out_specs=[whole(qweight), pl.BlockSpec((kb, 1), lambda i, j: (i, 0))],
       out_shape=[jax.ShapeDtypeStruct(qweight.shape, qweight.dtype),
                  jax.ShapeDtypeStruct(rs.shape, jnp.float32)],
-      input_output_aliases={4: 0},
+      input_output_aliases={5: 0},
       interpret=interpret,
       compiler_params=None if interpret else _pallas.compiler_params(num_warps),
-  )(rows_p, upd, u, rs, qweight)
+  )(live, rows_p, upd, u, rs, qweight)
   if row_scaling:
     scale = scale.at[rows].set(new_rs[:k, 0], unique_indices=True)
   return new_q, scale
