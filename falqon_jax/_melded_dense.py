@@ -9,7 +9,7 @@ so XLA can lower each one to a single cuBLASLt FP8 call.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +29,17 @@ def _fp8_gemm(a, b, inv_scale, precision, out_dtype):
   return (acc * inv_scale).astype(out_dtype)
 
 
-def _forward(x2, qweight, scale, out_features, scaling):
-  sx = fp8.compute_scale(x2, fp8.E4M3)
-  xq = fp8.quantize(x2, sx, fp8.E4M3)
+def _quantize(x, fmt, implementation):
+  """Per-tensor scale and FP8 cast: plain jnp, or a Pallas kernel when asked for."""
+  if implementation == "xla":
+    scale = fp8.compute_scale(x, fmt)
+    return fp8.quantize(x, scale, fmt), scale
+  from falqon_jax import kernels  # imported lazily: kernels import the core
+  return kernels.quantize(x, fmt, implementation=implementation)
+
+
+def _forward(x2, qweight, scale, out_features, scaling, implementation):
+  xq, sx = _quantize(x2, fp8.E4M3, implementation)
   # cuBLASLt semantics: D = (1/s_a) * (1/s_b) * acc, rounded once to the output dtype.
   inv = (1.0 / sx) * (1.0 / scale)  # 0-d, or (out + rank,) with row scaling
   z = _fp8_gemm(xq, qweight, inv, lax.Precision.DEFAULT, x2.dtype)
@@ -39,20 +47,20 @@ def _forward(x2, qweight, scale, out_features, scaling):
   return z[:, :out_features], z[:, out_features:]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _melded_matmul(x2, qweight, scale, delta, out_features, scaling):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _melded_matmul(x2, qweight, scale, delta, out_features, scaling, implementation):
   del delta  # the forward ignores delta (it is zero after every merge)
-  y, _ = _forward(x2, qweight, scale, out_features, scaling)
+  y, _ = _forward(x2, qweight, scale, out_features, scaling, implementation)
   return y
 
 
-def _melded_matmul_fwd(x2, qweight, scale, delta, out_features, scaling):
-  y, ax = _forward(x2, qweight, scale, out_features, scaling)
+def _melded_matmul_fwd(x2, qweight, scale, delta, out_features, scaling, implementation):
+  y, ax = _forward(x2, qweight, scale, out_features, scaling, implementation)
   # Residuals: Ax (N x rank) plus references to inputs that live anyway. Never x.
   return y, (ax, qweight, scale, delta)
 
 
-def _melded_matmul_bwd(out_features, scaling, residuals, g):
+def _melded_matmul_bwd(out_features, scaling, implementation, residuals, g):
   ax, qweight, scale, delta = residuals
   if scaling == "row":
     # Fold the backbone row scales into g, so dx is one GEMM against the raw rows.
@@ -62,8 +70,7 @@ def _melded_matmul_bwd(out_features, scaling, residuals, g):
   else:
     g_src = g
     inv_w = 1.0 / scale
-  sg = fp8.compute_scale(g_src, fp8.E5M2)
-  gq = fp8.quantize(g_src, sg, fp8.E5M2)
+  gq, sg = _quantize(g_src, fp8.E5M2, implementation)
 
   # dx = e5m2(g) . W: backbone rows only (delta = 0, so the adapter adds nothing to dx).
   # W is stored (out, in); TN needs the contracting dim `out` last, hence the fp8
@@ -72,8 +79,7 @@ def _melded_matmul_bwd(out_features, scaling, residuals, g):
   dx = _fp8_gemm(gq, w_t, (1.0 / sg) * inv_w, lax.Precision.HIGHEST, g.dtype)
 
   # d(delta) = g^T . e4m3(Ax): no weight gradient at all, no x needed.
-  s_ax = fp8.compute_scale(ax, fp8.E4M3)
-  axq = fp8.quantize(ax, s_ax, fp8.E4M3)
+  axq, s_ax = _quantize(ax, fp8.E4M3, implementation)
   inv_d = (1.0 / sg) * (1.0 / s_ax)
   if scaling == "row":
     inv_d = inv_d * row_scale[:, None]
@@ -85,7 +91,11 @@ _melded_matmul.defvjp(_melded_matmul_fwd, _melded_matmul_bwd)
 
 
 def melded_dense(
-    x: jax.Array, mk: MeldedKernel, bias: Optional[jax.Array] = None
+    x: jax.Array,
+    mk: MeldedKernel,
+    bias: Optional[jax.Array] = None,
+    *,
+    implementation: Union[str, Sequence[str]] = "xla",
 ) -> jax.Array:
   """``y = x @ W`` through the melded FP8 kernel, with FALQON's custom gradient.
 
@@ -98,6 +108,8 @@ def melded_dense(
     x: ``(..., in)``, bf16 or f32. The output has x's dtype.
     mk: the melded kernel.
     bias: optional ``(out,)`` bias, added after the GEMM in the output dtype.
+    implementation: how the three FP8 quantizations run: ``"xla"`` (plain jnp, the
+      default), ``"pallas"`` (``falqon_jax.kernels``), or a sequence tried in order.
 
   Returns:
     ``(..., out)``.
@@ -122,7 +134,10 @@ def melded_dense(
   if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize < 2:
     raise TypeError(f"x must be bf16, f16 or f32, got {x.dtype}")
   x2 = x.reshape(-1, mk.in_features)
-  y = _melded_matmul(x2, mk.qweight, mk.scale, mk.delta, mk.out_features, mk.scaling)
+  if not isinstance(implementation, str):
+    implementation = tuple(implementation)  # a static argument must be hashable
+  y = _melded_matmul(x2, mk.qweight, mk.scale, mk.delta, mk.out_features, mk.scaling,
+                     implementation)
   y = y.reshape(*x.shape[:-1], mk.out_features)
   if bias is not None:
     y = y + bias.astype(y.dtype)

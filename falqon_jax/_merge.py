@@ -7,7 +7,7 @@ with donated buffers the write is in place (see :func:`write_rows` for the CPU c
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ from falqon_jax._melded_kernel import MeldedKernel
 
 Reset = Literal["all", "merged"]
 Rounding = Literal["nearest", "stochastic"]
+Implementation = Union[str, Sequence[str]]
 
 RESETS = ("all", "merged")
 ROUNDINGS = ("nearest", "stochastic")
@@ -110,18 +111,27 @@ def merge_rows(
     rounding: Rounding = "nearest",
     key: Optional[jax.Array] = None,
     active: Optional[jax.Array] = None,
+    implementation: Implementation = "xla",
 ) -> MeldedKernel:
   """:func:`merge_top_k` with an optional traced ``active`` count (no validation)."""
   rows = select_rows(mk.delta, k)
-  new_rows, new_row_scale = compute_merged_rows(
-      mk.qweight, mk.scale, mk.delta, rows,
-      out_features=mk.out_features, scaling=mk.scaling,
-      rounding=rounding, key=key, active=active,
-  )
-  qweight = write_rows(mk.qweight, rows, new_rows)
-  scale = mk.scale
-  if mk.scaling == "row":
-    scale = scale.at[rows].set(new_row_scale, unique_indices=True)
+  if implementation == "xla":
+    new_rows, new_row_scale = compute_merged_rows(
+        mk.qweight, mk.scale, mk.delta, rows,
+        out_features=mk.out_features, scaling=mk.scaling,
+        rounding=rounding, key=key, active=active,
+    )
+    qweight = write_rows(mk.qweight, rows, new_rows)
+    scale = mk.scale
+    if mk.scaling == "row":
+      scale = scale.at[rows].set(new_row_scale, unique_indices=True)
+  else:
+    from falqon_jax import kernels  # imported lazily: kernels import this module
+    qweight, scale = kernels.merge_rows(
+        mk.qweight, mk.scale, mk.delta, rows, out_features=mk.out_features,
+        scaling=mk.scaling, rounding=rounding, key=key, active=active,
+        implementation=implementation,
+    )
   if reset == "all":
     delta = jnp.zeros_like(mk.delta)
     if active is not None:  # a step that merges nothing (a skipped step) resets nothing
@@ -151,6 +161,7 @@ def merge_top_k(
     reset: Reset = "all",
     rounding: Rounding = "nearest",
     key: Optional[jax.Array] = None,
+    implementation: Implementation = "xla",
 ) -> MeldedKernel:
   """Merges the ``k`` rows of ``delta`` with the largest L1 norm into the FP8 backbone.
 
@@ -164,6 +175,8 @@ def merge_top_k(
     reset: ``"all"`` or ``"merged"``.
     rounding: ``"nearest"`` (the reference) or ``"stochastic"`` (needs ``key``).
     key: PRNG key for stochastic rounding.
+    implementation: ``"xla"`` (plain jnp, the default), ``"pallas"`` (the in-place row
+      kernel in ``falqon_jax.kernels``), or a sequence tried in order.
 
   Example:
     >>> import jax, falqon_jax
@@ -180,4 +193,5 @@ def merge_top_k(
         f"k must be an int in [1, out] = [1, {mk.out_features}], got {k!r}"
     )
   check_merge_options(reset, rounding, key)
-  return merge_rows(mk, k, reset=reset, rounding=rounding, key=key)
+  return merge_rows(mk, k, reset=reset, rounding=rounding, key=key,
+                    implementation=implementation)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from falqon_jax._melded_kernel import MeldedKernel
-from falqon_jax._merge import Reset, Rounding, check_merge_options, merge_rows
+from falqon_jax._merge import Implementation, Reset, Rounding, check_merge_options, merge_rows
 
 _NEVER_GIVE_UP = 2**31 - 1  # apply_if_finite then skips every non-finite step
 
@@ -47,7 +47,8 @@ class ProxyUpdateState(NamedTuple):
 
   Attributes:
     inner_state: ``optax.ApplyIfFiniteState`` around the inner optimizer's state.
-    count: int32, optimizer steps applied (skipped steps not counted).
+    count: int32, optimizer updates applied (skipped steps and accumulation
+      micro-steps not counted).
     key: PRNG key for stochastic rounding (``None`` with nearest rounding).
   """
 
@@ -84,6 +85,8 @@ def proxy_update(
     reset: Reset = "all",
     rounding: Rounding = "nearest",
     key: Optional[jax.Array] = None,
+    accumulation_steps: int = 1,
+    implementation: Implementation = "xla",
 ) -> optax.GradientTransformationExtraArgs:
   """FALQON's row-wise proxy update around an inner optax optimizer.
 
@@ -98,6 +101,10 @@ def proxy_update(
     rounding: ``"nearest"`` (the reference) or ``"stochastic"`` (needs ``key``).
     key: PRNG key for stochastic rounding; each step and kernel folds in its own index,
       so data-parallel replicas with the same state make the same choices.
+    accumulation_steps: gradient accumulation. The inner optimizer runs under
+      ``optax.MultiSteps`` on the mean of this many micro-batch gradients, and the merge
+      happens only on that update step; the other calls change nothing.
+    implementation: merge implementation, see :func:`falqon_jax.merge_top_k`.
 
   A step whose delta gradients are not finite is skipped (``optax.apply_if_finite``):
   deltas, FP8 weights and the inner state are left unchanged, and
@@ -122,7 +129,20 @@ def proxy_update(
     raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
   if not isinstance(warmup_steps, int) or warmup_steps < 0:
     raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+  if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+    raise ValueError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
+  if not isinstance(implementation, str):
+    implementation = tuple(implementation)
+  if accumulation_steps > 1:
+    inner = optax.MultiSteps(inner, every_k_schedule=accumulation_steps).gradient_transformation()
   guarded = optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
+
+  def stepped(old_inner, new_inner):
+    """Whether this call really updated the deltas: finite, and a sync step."""
+    finite = new_inner.last_finite
+    if accumulation_steps == 1:
+      return finite
+    return finite & (new_inner.inner_state.gradient_step > old_inner.inner_state.gradient_step)
 
   def plan(mk: MeldedKernel, count: jax.Array):
     """Static k for the top-k, and the traced number of rows that really merge."""
@@ -161,7 +181,7 @@ def proxy_update(
     delta_updates, inner_state = guarded.update(
         delta_tree(grads), state.inner_state, delta_tree(params), **extra_args
     )
-    applied = inner_state.last_finite
+    applied = stepped(state.inner_state, inner_state)
     step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
     counter = iter(range(1 << 30))
 
@@ -176,6 +196,7 @@ def proxy_update(
       merged = merge_rows(
           p.replace(delta=p.delta + u.astype(p.delta.dtype)), k,
           reset=reset, rounding=rounding, key=layer_key, active=active,
+          implementation=implementation,
       )
       return MeldedUpdate(merged.qweight, merged.scale, merged.delta)
 

@@ -50,7 +50,7 @@ def test_forward_is_one_fp8_gemm_giving_y_and_ax(rng, dtype, scaling):
   tol = 2.0**-8 if dtype == jnp.bfloat16 else 1e-6
   np.testing.assert_allclose(_np(y), z[:, :OUT], rtol=tol, atol=1e-6 * np.abs(z).max())
   # The saved residual is Ax, rounded to x's dtype as the reference saves it.
-  y2, (ax, *_) = _melded_matmul_fwd(x, mk.qweight, mk.scale, mk.delta, OUT, scaling)
+  y2, (ax, *_) = _melded_matmul_fwd(x, mk.qweight, mk.scale, mk.delta, OUT, scaling, "xla")
   assert ax.dtype == dtype and ax.shape == (N, RANK)
   np.testing.assert_array_equal(_np(y2), _np(y))
   np.testing.assert_allclose(_np(ax), z[:, OUT:], rtol=tol, atol=1e-6 * np.abs(z).max())
@@ -182,3 +182,15 @@ def test_bad_input_errors(rng):
     falqon_jax.melded_dense(x.astype(jnp.int32), mk)
   with pytest.raises(TypeError, match="needs a MeldedKernel"):
     falqon_jax.melded_dense(x, jnp.ones((64, 96)))
+
+
+def test_pallas_quantization_gives_the_same_bits(rng):
+  _, mk, x = _setup(rng, scaling="row")
+  g = jnp.asarray(rng.standard_normal((N, OUT)), jnp.bfloat16)
+  results = []
+  for impl in ("xla", "pallas", ("pallas", "xla")):
+    f = lambda x, mk: falqon_jax.melded_dense(x, mk, implementation=impl)
+    y, vjp = jax.vjp(f, x, mk)
+    dx, dmk = vjp(g)
+    results.append([np.asarray(a).tobytes() for a in (y, dx, dmk.delta)])
+  assert results[0] == results[1] == results[2]

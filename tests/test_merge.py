@@ -205,3 +205,13 @@ def test_inactive_rows_keep_their_bytes_including_negative_zero(rng, scaling):
                                   np.asarray(mk.scale)[untouched] if scaling == "row" else 0)
     d = np.asarray(new.delta)
     np.testing.assert_array_equal(d[idx[active:]], np.asarray(mk.delta)[idx[active:]])
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_pallas_merge_implementation_matches(rng, scaling):
+  mk = _mk(rng, scaling=scaling)
+  a = falqon_jax.merge_top_k(mk, 8, reset="merged")
+  b = falqon_jax.merge_top_k(mk, 8, reset="merged", implementation="pallas")
+  assert a.qweight.tobytes() == b.qweight.tobytes()
+  np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+  np.testing.assert_array_equal(np.asarray(a.delta), np.asarray(b.delta))

@@ -180,3 +180,34 @@ def test_misuse_errors(rng):
     falqon_jax.proxy_update(optax.adam(1e-3), rounding="stochastic")
   with pytest.raises(ValueError, match="top_k must be None or a positive int"):
     falqon_jax.proxy_update(optax.adam(1e-3), top_k=0)
+
+
+def test_gradient_accumulation_merges_only_on_the_update_step(rng):
+  params = _params(rng)
+  g1, g2 = (rng.standard_normal((OUT, RANK)).astype(np.float32) for _ in range(2))
+  # SGD: Adam's sqrt/divide compile to different last bits inside MultiSteps' cond.
+  acc = falqon_jax.proxy_update(optax.sgd(0.05), accumulation_steps=2)
+  state = acc.init(params)
+  mid, state = _step(acc, params, state, _grads(params, g1))
+  assert mid["layer"]["kernel"].qweight.tobytes() == params["layer"]["kernel"].qweight.tobytes()
+  assert not np.any(np.asarray(mid["layer"]["kernel"].delta)) and int(state.count) == 0
+  end, state = _step(acc, mid, state, _grads(mid, g2))
+  assert int(state.count) == 1
+  # The same as one step on the mean gradient.
+  one = falqon_jax.proxy_update(optax.sgd(0.05))
+  want, _ = _step(one, params, one.init(params), _grads(params, (g1 + g2) / 2))
+  assert end["layer"]["kernel"].qweight.tobytes() == want["layer"]["kernel"].qweight.tobytes()
+  with pytest.raises(ValueError, match="accumulation_steps must be a positive int"):
+    falqon_jax.proxy_update(optax.adam(0.05), accumulation_steps=0)
+
+
+def test_pallas_merge_implementation_gives_the_same_step(rng):
+  params = _params(rng)
+  g = _grads(params, rng.standard_normal((OUT, RANK)))
+  outs = []
+  for impl in ("xla", "pallas"):
+    tx = falqon_jax.proxy_update(optax.adam(0.05), top_k=4, reset="merged", implementation=impl)
+    new, _ = _step(tx, params, tx.init(params), g)
+    outs.append(new["layer"]["kernel"])
+  assert outs[0].qweight.tobytes() == outs[1].qweight.tobytes()
+  np.testing.assert_array_equal(np.asarray(outs[0].delta), np.asarray(outs[1].delta))
