@@ -122,7 +122,7 @@ def test_xla_default_and_fallback(rng):
 
 
 @pytest.mark.parametrize("scaling, rounding", [("tensor", "stochastic"), ("row", "nearest")])
-def test_triton_lowering(scaling, rounding):
+def test_triton_lowering(scaling, rounding, cuda_target):
   """The kernel lowers to Triton for a CUDA target (no GPU needed to lower)."""
   sds = jax.ShapeDtypeStruct
   args = (sds((OUT + RANK, IN), jnp.float8_e4m3fn),
@@ -131,7 +131,8 @@ def test_triton_lowering(scaling, rounding):
           sds((), jnp.int32))
   f = functools.partial(km.merge_pallas, out_features=OUT, scaling=scaling,
                         rounding=rounding, block_shape=BLOCK, interpret=False)
-  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  with cuda_target():
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "triton" in text.lower()
 
 

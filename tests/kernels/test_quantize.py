@@ -105,13 +105,14 @@ def test_fallback_to_xla_when_pallas_cannot_compile(rng):
 
 
 @pytest.mark.parametrize("axis", [None, -1])
-def test_triton_lowering(axis):
+def test_triton_lowering(axis, cuda_target):
   """The kernels lower to Triton for a CUDA target (no GPU needed to lower)."""
   x = jax.ShapeDtypeStruct(SHAPE, jnp.bfloat16)
   for block in (SMALL_BLOCK, None):
     f = functools.partial(kq.quantize_pallas, fmt="e4m3", per_row=axis is not None,
                           block_shape=block, interpret=False)
-    text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    with cuda_target():
+      text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower()
 
 
