@@ -20,6 +20,7 @@ from falqon_jax.data import (
     HFTokenizer,
     alpaca_prompt,
     default_buckets,
+    encode_prompt,
     exact_match,
     load_examples,
     load_tokenizer,
@@ -38,6 +39,13 @@ CHAT_TEMPLATE = (
 def write_jsonl(path, rows):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return path
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+  """Keeps the Arrow files `datasets` writes for the test's JSON out of the user's cache."""
+  datasets = pytest.importorskip("datasets")
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +160,7 @@ def test_chat_with_tokenizer_template(tmp_path, tok_folder):
 def test_prompt_format_split_folder_and_limit(tmp_path):
   write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(5)])
   write_jsonl(tmp_path / "test.jsonl", [{"prompt": "q", "response": "a"}])
+  (tmp_path / "README.md").write_text("# not data\n")  # other files are ignored
   assert [e.response for e in load_examples(str(tmp_path), limit=2)] == ["r0", "r1"]
   assert load_examples(str(tmp_path), split="test") == [Example("q", "a")]
   # A single file is whatever split is asked for.
@@ -183,6 +192,9 @@ def test_load_examples_errors(tmp_path):
   (tmp_path / "empty_dir").mkdir()
   with pytest.raises(DataError, match="no .json or .jsonl files"):
     load_examples(str(tmp_path / "empty_dir"))
+  (tmp_path / "empty_dir" / "notes.txt").write_text("x")
+  with pytest.raises(DataError, match="empty_dir: no .json or .jsonl files"):
+    load_examples(str(tmp_path / "empty_dir"))
   with pytest.raises(DataError, match="format must be one of"):
     load_examples(str(odd), format="csv")
   with pytest.raises(DataError, match="limit must be"):
@@ -193,7 +205,8 @@ def test_hub_name_offline_fails_in_one_line(monkeypatch):
   import datasets
 
   monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-  with pytest.raises(DataError, match="cannot load hub dataset 'no-such-owner/no-such-set'") as e:
+  with pytest.raises(DataError, match="'no-such-owner/no-such-set' is not a local file or"
+                     " folder, and loading hub dataset") as e:
     load_examples("no-such-owner/no-such-set")
   assert "\n" not in str(e.value)
 
@@ -407,3 +420,29 @@ def test_exact_match():
   assert not exact_match("48", add) and not exact_match("47 apples", add)
   word = Example("reverse abc:", "cba")
   assert exact_match("cba\n", word) and not exact_match("CBA", word)
+
+
+def test_encode_prompt_matches_training_prefix():
+  ex = Example("reverse abcdefghij:", "jihgfedcba")
+  ids, mask = tokenize_example(ex, source_max_len=8)
+  prompt = encode_prompt(ex.prompt, source_max_len=8)
+  assert prompt.dtype == np.int32 and ids[:len(prompt)].tolist() == prompt.tolist()
+  assert mask[len(prompt)] and not mask[:len(prompt)].any()
+
+
+def test_mistyped_local_paths_fail_without_network(tmp_path, monkeypatch, tok_folder):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "models").mkdir()
+  with pytest.raises(FileNotFoundError, match="tokenizer folder not found: models/llama"):
+    load_tokenizer("models/llama")  # "models" exists here: a local path, not a hub name
+  with pytest.raises(FileNotFoundError, match="data path not found: models/data"):
+    load_examples("models/data")
+  assert load_tokenizer(str(tok_folder / "tokenizer.json")).eos_id is not None
+  with pytest.raises(DataError, match="is a file; pass the folder"):
+    load_tokenizer(str(write_jsonl(tmp_path / "x.jsonl", [])))
+
+
+def test_oasst_without_turns_says_so(tmp_path):
+  path = write_jsonl(tmp_path / "t.jsonl", [{"text": "just some text"}])
+  with pytest.raises(DataError, match="no '### Assistant:' turn with a non-empty reply"):
+    load_examples(str(path))

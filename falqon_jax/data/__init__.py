@@ -23,6 +23,7 @@ loaded.
 from falqon_jax.data._batches import (
     Batches,
     default_buckets,
+    encode_prompt,
     segment_mask,
     tokenize_example,
     tokenize_examples,
@@ -58,6 +59,7 @@ __all__ = [
     "alpaca_prompt",
     "chat_examples",
     "default_buckets",
+    "encode_prompt",
     "exact_match",
     "load_examples",
     "load_tokenizer",

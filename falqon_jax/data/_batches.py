@@ -33,20 +33,27 @@ def _check_lengths(source_max_len, target_max_len, truncation_side):
     raise DataError(f"truncation_side must be one of {TRUNCATION_SIDES}, got {truncation_side!r}")
 
 
-def _assemble(prompt_ids, response_ids, tokenizer, source_max_len, target_max_len,
-              train_on_source, truncation_side):
-  bos, eos = tokenizer.bos_id, tokenizer.eos_id
-  prompt_ids, response_ids = list(prompt_ids), list(response_ids)
+def _source(prompt_ids, tokenizer, source_max_len, truncation_side):
+  """BOS + prompt ids, cut to ``source_max_len`` tokens (the BOS always stays)."""
+  bos = tokenizer.bos_id
+  prompt_ids = list(prompt_ids)
   # Chat templates often write the BOS text themselves: never add a second one.
-  lead = [] if bos is None or (prompt_ids[:1] == [bos]) else [bos]
+  lead = [] if bos is None or prompt_ids[:1] == [bos] else [bos]
   source = lead + prompt_ids
   if len(source) > source_max_len:
-    head = 1 if bos is not None and source[0] == bos else 0  # the BOS always stays
+    head = 1 if bos is not None and source[0] == bos else 0
     keep = max(source_max_len - head, 0)
     if truncation_side == "left":  # drop the start, keep the end of the prompt
       source = source[:head] + (source[len(source) - keep:] if keep else [])
     else:  # the reference (QLoRA): keep the start
       source = source[:source_max_len]
+  return source
+
+
+def _assemble(prompt_ids, response_ids, tokenizer, source_max_len, target_max_len,
+              train_on_source, truncation_side):
+  source = _source(prompt_ids, tokenizer, source_max_len, truncation_side)
+  eos, response_ids = tokenizer.eos_id, list(response_ids)
   target = response_ids if response_ids[-1:] == [eos] else response_ids + [eos]
   # As in the reference, a response cut by target_max_len loses its EOS: the model is not
   # taught to stop mid-answer.
@@ -90,19 +97,42 @@ def tokenize_example(
                    tokenizer, source_max_len, target_max_len, train_on_source, truncation_side)
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer=None, **kwargs):
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer=None,
+    *,
+    source_max_len: int = 16,
+    target_max_len: int = 512,
+    train_on_source: bool = False,
+    truncation_side: str = "left",
+):
   """:func:`tokenize_example` over a list, encoding prompts and responses in two batch calls."""
-  _check_lengths(kwargs.get("source_max_len", 16), kwargs.get("target_max_len", 512),
-                 kwargs.get("truncation_side", "left"))
+  _check_lengths(source_max_len, target_max_len, truncation_side)
   tokenizer = tokenizer or ByteTokenizer()
   prompts = tokenizer.encode_batch([e.prompt for e in examples])
   responses = tokenizer.encode_batch([e.response for e in examples])
-  args = (kwargs.get("source_max_len", 16), kwargs.get("target_max_len", 512),
-          kwargs.get("train_on_source", False), kwargs.get("truncation_side", "left"))
-  unknown = set(kwargs) - {"source_max_len", "target_max_len", "train_on_source", "truncation_side"}
-  if unknown:
-    raise TypeError(f"tokenize_examples got unexpected arguments {sorted(unknown)}")
-  return [_assemble(p, r, tokenizer, *args) for p, r in zip(prompts, responses)]
+  return [_assemble(p, r, tokenizer, source_max_len, target_max_len, train_on_source,
+                    truncation_side) for p, r in zip(prompts, responses)]
+
+
+def encode_prompt(
+    prompt: str,
+    tokenizer=None,
+    *,
+    source_max_len: int = 16,
+    truncation_side: str = "left",
+):
+  """The prompt exactly as training shows it (BOS + truncated prompt), for generation.
+
+  Decoding from these ids and stopping at EOS is how a trained model answers an example.
+
+  >>> encode_prompt("1+2=").tolist()
+  [257, 49, 43, 50, 61]
+  """
+  _check_lengths(source_max_len, 1, truncation_side)
+  tokenizer = tokenizer or ByteTokenizer()
+  ids = _source(tokenizer.encode(prompt), tokenizer, source_max_len, truncation_side)
+  return np.asarray(ids, dtype=np.int32)
 
 
 def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
@@ -253,6 +283,7 @@ class Batches:
     self.process_index, self.process_count = process_index, process_count
     self._local = batch_size // process_count
     self._epoch, self._step, self._plan_cache = 0, 0, (None, None)
+    self._fingerprint = zlib.crc32(self._lengths.tobytes())  # same data, same lengths
     if not self._plan(0):
       what = (f"packing {len(self._data)} examples into rows of {self.pack_length} tokens gives"
               f" {len(self._rows(0))} rows" if self.pack else f"{len(self._data)} examples are")
@@ -358,14 +389,11 @@ class Batches:
   def epoch(self) -> int:
     return self._epoch
 
-  def _fingerprint(self) -> int:
-    return zlib.crc32(self._lengths.astype(np.int64).tobytes())
-
   def state(self) -> dict:
     """Where the next batch comes from: ``{"epoch", "step", "seed", ...}`` (JSON-able)."""
     return {"epoch": self._epoch, "step": self._step, "seed": self.seed,
             "batch_size": self.batch_size, "pack": self.pack,
-            "num_examples": len(self._data), "fingerprint": self._fingerprint()}
+            "num_examples": len(self._data), "fingerprint": self._fingerprint}
 
   def restore(self, state: dict) -> "Batches":
     """Continues from ``state`` (from :meth:`state`, possibly via JSON). Returns self."""

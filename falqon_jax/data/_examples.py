@@ -7,7 +7,6 @@ prompt and is trained on the response only (see :func:`falqon_jax.data.tokenize_
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import re
 from typing import Optional, Sequence
@@ -172,10 +171,19 @@ def _load_rows(source, split: str):
   source = os.fspath(source)
   path = os.path.expanduser(source)
   if os.path.isdir(path):
-    files = [f for ext in ("json", "jsonl") for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True)]
+    # datasets' own split inference (train*.jsonl, test*.json, ...; one split "train" when
+    # no name says otherwise), restricted to JSON files so READMEs and caches are ignored.
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+      files = DataFilesDict.from_patterns(
+          get_data_patterns(path), base_path=path, allowed_extensions=[".json", ".jsonl"])
+    except FileNotFoundError:
+      files = {}
+    files = {str(k): list(v) for k, v in files.items() if len(v)}
     if not files:
       raise DataError(f"{path}: no .json or .jsonl files in this folder; pass a JSON/JSONL file or folder")
-    kwargs, where = dict(data_dir=path), path
+    kwargs, where = dict(data_files=files), path
   elif os.path.isfile(path):
     # A single file is the requested split, whatever its name.
     kwargs, where = dict(data_files={split: path}), path
@@ -185,8 +193,8 @@ def _load_rows(source, split: str):
       return datasets.load_dataset(name, split=split), name
     except Exception as e:  # noqa: BLE001  (offline, missing, private: all one message)
       raise DataError(
-          f"cannot load hub dataset {name!r} ({type(e).__name__}: {_first_line(e)}); offline?"
-          " save it as a JSON/JSONL file and pass its path"
+          f"{source!r} is not a local file or folder, and loading hub dataset {name!r} failed"
+          f" ({type(e).__name__}: {_first_line(e)}); pass a JSON/JSONL path, or go online"
       ) from None
   else:
     raise FileNotFoundError(
@@ -264,9 +272,11 @@ def load_examples(
       examples = examples[:limit]
       break
   if not examples:
+    what = {"oasst": f"no '{OASST_ASSISTANT}' turn with a non-empty reply",
+            "chat": "no assistant message with non-empty content"}.get(format, "all responses empty")
     raise DataError(
         f"{where}: no examples left after dropping empty responses ({len(ds)} rows,"
-        f" format {format!r}); check the file's contents and format"
+        f" format {format!r}: {what}); check the data's contents and format"
     )
   return examples
 

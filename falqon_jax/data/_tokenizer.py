@@ -122,10 +122,14 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def looks_like_hub_name(source: str) -> bool:
-  """True for ``owner/name`` (or ``name``) strings that are not file-like paths."""
-  return bool(_HUB_NAME.match(source)) and not re.search(
-      r"\.(jsonl?|csv|parquet|txt)$", source, re.IGNORECASE
-  )
+  """True for ``owner/name`` (or ``name``) strings that are not meant as local paths.
+
+  ``models/llama`` where ``models`` is a local folder is a mistyped local path, not a hub
+  name: failing at once beats a minute of network retries offline.
+  """
+  if not _HUB_NAME.match(source) or re.search(r"\.(jsonl?|csv|parquet|txt)$", source, re.I):
+    return False
+  return not ("/" in source and os.path.isdir(source.split("/")[0]))
 
 
 def load_tokenizer(path_or_name=None):
@@ -148,7 +152,9 @@ def load_tokenizer(path_or_name=None):
     return ByteTokenizer()
   if hasattr(path_or_name, "encode") and hasattr(path_or_name, "eos_id"):
     return path_or_name
-  path = os.path.expanduser(str(path_or_name))
+  path = os.path.expanduser(os.fspath(path_or_name))
+  if os.path.isfile(path) and os.path.basename(path) in _TOKENIZER_FILES:
+    path = os.path.dirname(path) or "."  # a tokenizer.json path means its folder
   if os.path.isdir(path):
     if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
       raise DataError(
@@ -156,12 +162,14 @@ def load_tokenizer(path_or_name=None):
           " (or model) folder, or omit it for the byte tokenizer"
       )
     return HFTokenizer(_load_hf(path, local=True), path)
-  if os.path.exists(path) or not looks_like_hub_name(str(path_or_name)):
+  if os.path.exists(path):
+    raise DataError(f"{path} is a file; pass the folder that holds tokenizer.json")
+  if not looks_like_hub_name(os.fspath(path_or_name)):
     raise FileNotFoundError(
         f"tokenizer folder not found: {path}; pass a folder with tokenizer.json, or omit"
         " it for the byte tokenizer"
     )
-  return HFTokenizer(_load_hf(str(path_or_name), local=False), str(path_or_name))
+  return HFTokenizer(_load_hf(os.fspath(path_or_name), local=False), os.fspath(path_or_name))
 
 
 def _load_hf(source: str, *, local: bool):
@@ -177,5 +185,9 @@ def _load_hf(source: str, *, local: bool):
     return transformers.AutoTokenizer.from_pretrained(source, local_files_only=local, use_fast=True)
   except Exception as e:  # noqa: BLE001  (many failure types; all mean "cannot load")
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    where = "folder" if local else "hub name (needs network)"
-    raise DataError(f"cannot load a tokenizer from {where} {source}: {first}") from None
+    if local:
+      raise DataError(f"cannot load the tokenizer in {source}: {first}") from None
+    raise DataError(
+        f"{source!r} is not a local folder, and loading it from the hub failed ({first});"
+        " pass a folder with tokenizer.json, or go online"
+    ) from None
