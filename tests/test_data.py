@@ -158,7 +158,8 @@ def test_chat_with_tokenizer_template(tmp_path, tok_folder):
 
 
 def test_prompt_format_split_folder_and_limit(tmp_path):
-  write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(5)])
+  rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(5)]
+  write_jsonl(tmp_path / "train.jsonl", rows)
   write_jsonl(tmp_path / "test.jsonl", [{"prompt": "q", "response": "a"}])
   (tmp_path / "README.md").write_text("# not data\n")  # other files are ignored
   assert [e.response for e in load_examples(str(tmp_path), limit=2)] == ["r0", "r1"]
@@ -284,7 +285,8 @@ def test_group_by_length_pads_less():
   def pad_fraction(**kw):
     it = Batches(examples, batch_size=8, seed=0, **kw)
     bs = [next(it) for _ in range(it.steps_in_epoch(0))]
-    return 1 - sum(b["attention_mask"].sum() for b in bs) / sum(b["attention_mask"].size for b in bs)
+    mask = np.concatenate([b["attention_mask"].ravel() for b in bs])
+    return 1 - mask.mean()
 
   assert pad_fraction(group_by_length=True) < pad_fraction(group_by_length=False)
 
@@ -382,6 +384,17 @@ def test_batches_errors():
     Batches(examples + [Example("p" * 30, "r")], batch_size=2, buckets=[16])
   with pytest.raises(DataError, match="no examples"):
     Batches([], batch_size=2)
+  with pytest.raises(DataError, match="seed must be a non-negative int"):
+    Batches(examples, batch_size=2, seed=-1)
+  with pytest.raises(DataError, match="example 1: input_ids .* must be equal"):
+    Batches([([1, 2], [0, 1]), ([1, 2, 3], [0, 1])], batch_size=2)
+
+
+def test_batches_from_tokenized_pairs():
+  pairs = [(np.array([5, 6, 7]), np.array([0, 0, 1])), (np.array([8, 9]), np.array([0, 1]))]
+  b = next(Batches(pairs, batch_size=2, group_by_length=False, buckets=[4]))
+  assert b["input_ids"].shape == (2, 4) and b["loss_mask"].sum() == 2
+  assert (b["input_ids"][b["attention_mask"] == 0] == 0).all()  # pad_id 0 by default
 
 
 # -- synthetic task ---------------------------------------------------------------------

@@ -177,7 +177,8 @@ class Batches:
 
   ``examples``: :class:`Example` objects (tokenized here with ``tokenizer``, default the
   byte tokenizer, and the length options of :func:`tokenize_example`), or already
-  tokenized ``(input_ids, loss_mask)`` pairs.
+  tokenized ``(input_ids, loss_mask)`` pairs (then ``pad_id`` defaults to 0, and the
+  default buckets to those of ``source_max_len + target_max_len``).
 
   Order. Each epoch shuffles the examples with ``default_rng([seed, epoch])``. With
   ``group_by_length`` (QLoRA's ``group_by_length``), each group of ``group_size`` global
@@ -196,11 +197,13 @@ class Batches:
   a model that takes only a ``[B, T]`` padding mask (HF Flax Llama) runs plain causal
   attention over the row, so an example also sees the earlier ones in its row. Targets are
   unaffected either way: every example starts with BOS, which is never a target, so no
-  loss term predicts across a boundary.
+  loss term predicts across a boundary. ``group_by_length`` does not apply to packing.
 
-  Multi-host. Every process builds the same global order; process ``process_index`` takes
-  rows ``[i*b, (i+1)*b)`` of each global batch. ``batch_size`` must divide by
-  ``process_count``.
+  Multi-host. Every process holds the same (tokenized) examples and builds the same global
+  order, but materializes only its rows ``[i*b, (i+1)*b)`` of each global batch, i =
+  ``process_index``. Knowing the global batch is what gives every process the same T; the
+  token ids of an instruction set are small (Alpaca: ~52k x ~150 ids). ``batch_size`` must
+  divide by ``process_count``.
 
   Resume. ``state()`` is a small JSON-able dict (the same on every process): the position
   of the next batch. ``Batches(..., state=s)`` or ``restore(s)`` continues exactly where
@@ -248,6 +251,8 @@ class Batches:
           f"global batch_size {batch_size} is not divisible by process_count {process_count};"
           f" use a multiple of {process_count}"
       )
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise DataError(f"seed must be a non-negative int, got {seed!r}")
     if not isinstance(group_size, int) or group_size < 1:
       raise DataError(f"group_size must be a positive int, got {group_size!r}")
     examples = list(examples)
@@ -259,6 +264,11 @@ class Batches:
           examples, tokenizer, source_max_len=source_max_len, target_max_len=target_max_len,
           train_on_source=train_on_source, truncation_side=truncation_side)
     self._data = [(np.asarray(i, np.int32), np.asarray(m, np.bool_)) for i, m in examples]
+    for k, (ids, mask) in enumerate(self._data):
+      if ids.ndim != 1 or ids.shape != mask.shape or not len(ids):
+        raise DataError(
+            f"example {k}: input_ids {ids.shape} and loss_mask {mask.shape} must be equal,"
+            " non-empty 1-D arrays; pass Example objects or tokenize_examples() output")
     self._lengths = np.array([len(i) for i, _ in self._data], dtype=np.int64)
     if pad_id is None:
       pad_id = tokenizer.pad_id if tokenizer is not None else 0

@@ -182,7 +182,8 @@ def _load_rows(source, split: str):
       files = {}
     files = {str(k): list(v) for k, v in files.items() if len(v)}
     if not files:
-      raise DataError(f"{path}: no .json or .jsonl files in this folder; pass a JSON/JSONL file or folder")
+      raise DataError(
+          f"{path}: no .json or .jsonl files in this folder; pass a JSON/JSONL file or folder")
     kwargs, where = dict(data_files=files), path
   elif os.path.isfile(path):
     # A single file is the requested split, whatever its name.
@@ -273,7 +274,7 @@ def load_examples(
       break
   if not examples:
     what = {"oasst": f"no '{OASST_ASSISTANT}' turn with a non-empty reply",
-            "chat": "no assistant message with non-empty content"}.get(format, "all responses empty")
+            "chat": "no assistant message with non-empty content"}.get(format, "all empty")
     raise DataError(
         f"{where}: no examples left after dropping empty responses ({len(ds)} rows,"
         f" format {format!r}: {what}); check the data's contents and format"
@@ -302,8 +303,8 @@ def synthetic_task(
   are drawn one after another from one generator, so ``synthetic_task(m)`` is a prefix of
   ``synthetic_task(n)`` for m <= n; use another seed for held-out data.
 
-  >>> synthetic_task(3, seed=0, kinds=("add",))
-  [Example(prompt='85+63=', response='148'), Example(prompt='51+26=', response='77'), Example(prompt='30+4=', response='34')]
+  >>> [(e.prompt, e.response) for e in synthetic_task(3, seed=0, kinds=("add",))]
+  [('85+63=', '148'), ('51+26=', '77'), ('30+4=', '34')]
   """
   kinds = tuple(kinds)
   bad = [k for k in kinds if k not in SYNTHETIC_KINDS]

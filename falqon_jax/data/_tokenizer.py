@@ -143,10 +143,10 @@ def load_tokenizer(path_or_name=None):
 
   >>> load_tokenizer()
   ByteTokenizer(vocab_size=272)
-  >>> load_tokenizer("/no/such/folder")
+  >>> load_tokenizer("/no/such/folder")  # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ...
-  FileNotFoundError: tokenizer folder not found: /no/such/folder; pass a folder with tokenizer.json, or omit it for the byte tokenizer
+  FileNotFoundError: tokenizer folder not found: /no/such/folder; pass a folder with ...
   """
   if path_or_name is None or path_or_name == "byte":
     return ByteTokenizer()
