@@ -1,0 +1,400 @@
+"""The fine-tuning job behind ``falqon-jax finetune``: model, data, meld, train, save.
+
+With no model and no data it runs the built-in default: a tiny Llama (byte tokens) is
+first pretrained in code on part of the synthetic task (copy, reverse, recall), cached in
+the run folder, then melded into FP8 and fine-tuned with FALQON on the whole task (adding
+arithmetic), reporting held-out loss and exact match before and after.
+
+The run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``,
+``checkpoints/`` (orbax, async, last K), ``summary.json``, ``plot.png`` and, when
+tensorboard is installed, event files under ``tb/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import falqon_jax
+import falqon_jax.hf as fh
+from falqon_jax import checkpoint as ckpt_lib
+from falqon_jax import config as config_lib
+from falqon_jax import data as data_lib
+from falqon_jax import train
+from falqon_jax.config import ConfigError, FinetuneConfig
+
+BUILTIN = "builtin:tiny-llama"
+BUILTIN_BASE_KINDS = ("copy", "reverse", "recall")
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def builtin_config(vocab_size: int):
+  return fh.tiny_config("llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        max_position_embeddings=256)
+
+
+def _pretrain_builtin(model, tokenizer, config: FinetuneConfig, folder: str):
+  """The built-in base: full-parameter bf16 training on part of the synthetic task.
+
+  Cached in ``folder`` (keyed by seed and steps), so reruns and resumes reuse it.
+  """
+  from flax import serialization
+
+  path = os.path.join(folder, f"base-seed{config.seed}-steps{config.base_steps}.msgpack")
+  params = model.init_weights(jax.random.key(config.seed), (1, 16))
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      return serialization.from_bytes(params, f.read())
+  examples = data_lib.synthetic_task(config.train_examples, seed=config.seed + 1000,
+                                     kinds=BUILTIN_BASE_KINDS)
+  batches = data_lib.Batches(examples, batch_size=32, tokenizer=tokenizer, seed=config.seed)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 50, config.base_steps), 0.01)
+  loss_sum = train.make_loss_fn(model)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    def mean_loss(p):
+      total, n = loss_sum(p, batch)
+      return total / jnp.maximum(n, 1.0)
+
+    loss, grads = jax.value_and_grad(mean_loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  start = time.perf_counter()
+  for i in range(config.base_steps):
+    params, opt_state, loss = step(params, opt_state, _device_batch(next(batches)))
+  _log(f"built-in base: {config.base_steps} full-parameter steps on {BUILTIN_BASE_KINDS},"
+       f" loss {float(loss):.3f} ({time.perf_counter() - start:.0f} s); cached at {path}")
+  os.makedirs(folder, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(serialization.to_bytes(params))
+  os.replace(tmp, path)
+  return params
+
+
+def _device_batch(batch: dict) -> dict:
+  return {k: jnp.asarray(v) for k, v in batch.items() if k != "segment_ids"}
+
+
+def load_model(config: FinetuneConfig, run_dir: str):
+  """``(model, params, tokenizer, identity)`` for the configured model."""
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  if config.model is None:
+    tokenizer = data_lib.load_tokenizer(config.tokenizer)
+    model = fh.build_model(builtin_config(tokenizer.vocab_size), dtype=dtype)
+    params = _pretrain_builtin(model, tokenizer, config, os.path.join(run_dir, "base"))
+    return model, params, tokenizer, BUILTIN
+  if not os.path.isdir(config.model):
+    raise FileNotFoundError(f"model folder {config.model!r} does not exist")
+  loaded = fh.load(config.model, dtype=dtype)
+  tokenizer = data_lib.load_tokenizer(config.tokenizer or config.model)
+  return loaded.model, loaded.params, tokenizer, os.path.abspath(config.model)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_data(config: FinetuneConfig, tokenizer):
+  """``(train_examples, eval_examples)``."""
+  if config.data is None:
+    train_ex = data_lib.synthetic_task(config.train_examples, seed=config.seed)
+    eval_ex = data_lib.synthetic_task(config.eval_examples, seed=config.seed + 1)
+    return train_ex, eval_ex
+  examples = data_lib.load_examples(config.data, format=config.data_format, tokenizer=tokenizer)
+  n_eval = min(config.eval_examples, len(examples) // 10)
+  if len(examples) - n_eval < config.batch_size:
+    raise data_lib.DataError(
+        f"{config.data}: {len(examples)} examples leave fewer than one batch of"
+        f" {config.batch_size} for training; lower batch_size or add data"
+    )
+  return examples[n_eval:], examples[:n_eval]
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+class Evaluator:
+  """Held-out loss (and exact match on the built-in task), compiled once."""
+
+  def __init__(self, model, tokenizer, examples, config: FinetuneConfig, builtin: bool):
+    self.model, self.tokenizer, self.examples, self.builtin = model, tokenizer, examples, builtin
+    batch = min(config.batch_size, len(examples))
+    it = data_lib.Batches(examples, batch_size=batch, tokenizer=tokenizer, seed=12345,
+                          source_max_len=config.source_max_len,
+                          target_max_len=config.target_max_len, group_by_length=False)
+    self.batches = [_device_batch(next(it)) for _ in range(max(1, len(examples) // batch))]
+    self._loss = jax.jit(train.make_loss_fn(model))
+
+  def __call__(self, params) -> dict:
+    total = n = 0.0
+    for batch in self.batches:
+      t, c = self._loss(params, batch)
+      total, n = total + float(t), n + float(c)
+    out = {"eval_loss": total / max(n, 1.0)}
+    if self.builtin:
+      from falqon_jax import eval as eval_lib
+
+      em = eval_lib.exact_match(self.model, params, self.tokenizer, self.examples,
+                                max_new_tokens=8, match=data_lib.exact_match)
+      out["exact_match"] = em["exact_match"]
+    return out
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def _optimizer(config: FinetuneConfig):
+  if config.lr_schedule == "constant":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1)),
+                               optax.constant_schedule(config.lr)], [config.warmup_steps])
+  elif config.lr_schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps, config.steps)
+  else:
+    lr = optax.join_schedules([optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1)),
+                               optax.linear_schedule(config.lr, 0.0, config.steps - config.warmup_steps)],
+                              [config.warmup_steps])
+  inner = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                      optax.adamw(lr, weight_decay=config.weight_decay))
+  key = jax.random.key(config.seed) if config.rounding == "stochastic" else None
+  return falqon_jax.proxy_update(
+      inner, top_k=config.top_k, warmup_steps=config.topk_warmup_steps, reset=config.reset,
+      rounding=config.rounding, key=key, accumulation_steps=config.grad_accum,
+  ), lr
+
+
+def _check_config(config: FinetuneConfig) -> None:
+  for name in ("steps", "batch_size", "grad_accum", "rank", "log_every", "save_every",
+               "eval_every", "keep_checkpoints", "base_steps"):
+    if getattr(config, name) < 1:
+      raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
+  if config.data is not None and not os.path.exists(config.data) and "/" in config.data and (
+      config.data.startswith((".", "/")) or os.path.splitext(config.data)[1]):
+    raise FileNotFoundError(f"data path {config.data!r} does not exist")
+
+
+class _Interrupt:
+  """Turns the first Ctrl-C into a flag, so the loop can save and stop cleanly."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._old = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, *_):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    _log("interrupted: saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGINT, self._old)
+
+
+def run(config: FinetuneConfig) -> dict:
+  """Runs the fine-tuning job; returns the summary (also written to summary.json)."""
+  _check_config(config)
+  if config.distributed:
+    jax.distributed.initialize()
+  run_dir = os.path.abspath(config.output_dir)
+  dp = train.DataParallel(fsdp=config.fsdp)
+  dp.check_batch_size(config.batch_size)
+  if config.parallel == "pmap" and config.batch_size % jax.local_device_count():
+    raise ConfigError(f"batch_size {config.batch_size} is not divisible by the"
+                      f" {jax.local_device_count()} local devices")
+  if config.parallel == "pmap" and config.fsdp:
+    raise ConfigError("fsdp needs parallel='jit' (pmap replicates the whole state)")
+
+  model, params, tokenizer, model_id = load_model(config, run_dir)
+  train_ex, eval_ex = load_data(config, tokenizer)
+  params, report = fh.meld_params(model, params, config.rank, targets=config.targets,
+                                             init=config.init, scaling=config.scaling,
+                                             key=jax.random.key(config.seed))
+  tx, schedule = _optimizer(config)
+  state = train.TrainState.create(params, tx)
+  identity = {"model": model_id, "rank": config.rank, "targets": config.targets,
+              "scaling": config.scaling, "init": config.init, "seed": config.seed,
+              "vocab_size": int(tokenizer.vocab_size),
+              "melded": [m.path for m in report.melded]}
+  checkpoints = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), identity=identity,
+                                      keep=config.keep_checkpoints)
+  batches = data_lib.Batches(
+      train_ex, batch_size=config.batch_size, tokenizer=tokenizer, seed=config.seed,
+      source_max_len=config.source_max_len, target_max_len=config.target_max_len,
+      pack=config.pack, process_index=jax.process_index(), process_count=jax.process_count())
+
+  start_step = 0
+  if config.resume and checkpoints.latest_step() is not None:
+    state, data_state = checkpoints.restore(state)
+    batches.restore(data_state)
+    start_step = int(state.step)
+    _log(f"resumed from {checkpoints.directory} at step {start_step}")
+  elif not config.resume and checkpoints.latest_step() is not None:
+    raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue"
+                      " or choose another --output_dir")
+
+  if jax.process_index() == 0:
+    os.makedirs(run_dir, exist_ok=True)
+    config_lib.save(config, os.path.join(run_dir, "config.yaml"))
+  _log(str(report).splitlines()[0])
+
+  if config.parallel == "pmap":
+    step_fn = jax.pmap(train.pmap_train_step(model, tx), axis_name="data", donate_argnums=0)
+    state = train.replicate(state)
+    place = lambda b: train.split_batch(_device_batch(b), jax.local_device_count())
+    host_state = train.unreplicate
+  else:
+    state = dp.put_state(state)
+    step_fn = dp.compile(train.make_train_step(model, tx), state)
+    place = lambda b: dp.put_batch(_device_batch(b))
+    host_state = lambda s: s
+
+  evaluator = Evaluator(model, tokenizer, eval_ex, config, builtin=config.data is None)
+  metrics_path = os.path.join(run_dir, "metrics.jsonl")
+  history, tokens_seen, started = [], 0, time.perf_counter()
+  first_eval = evaluator(host_state(state).params) if start_step == 0 else None
+  if first_eval:
+    _log(f"before fine-tuning: {_fmt(first_eval)}")
+    _append(metrics_path, {"step": 0, **first_eval})
+
+  progress = _progress(config, start_step)
+  last_time, stopped_early = time.perf_counter(), False
+  step = start_step
+  with _Interrupt() as interrupt:
+    while step < config.steps and not interrupt.requested:
+      batch = next(batches)
+      tokens_seen += int(batch["loss_mask"][:, 1:].sum()) * jax.process_count()  # host-side
+      state, metrics = step_fn(state, place(batch))
+      step += 1
+      if step % config.log_every == 0 or step == config.steps:
+        metrics = {k: float(np.mean(v)) for k, v in metrics.items()}
+        now = time.perf_counter()
+        row = {"step": step, "loss": metrics["loss"], "skipped": int(metrics["skipped"]),
+               "lr": float(schedule(step)),
+               "step_time": (now - last_time) / config.log_every,
+               "tokens_per_s": metrics["tokens"] * config.log_every / (now - last_time)}
+        last_time = now
+        if step % config.eval_every == 0 or step == config.steps:
+          row.update(evaluator(host_state(state).params))
+          progress.write(f"step {step}: {_fmt(row)}") if config.progress else _log(
+              f"step {step}: {_fmt(row)}")
+        history.append(row)
+        _append(metrics_path, row)
+        progress.update(step - progress.n)
+        progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                             skipped=row["skipped"])
+      if step % config.save_every == 0:
+        checkpoints.save(step, host_state(state), data_state=batches.state())
+    stopped_early = interrupt.requested
+    if checkpoints.latest_step() != step:
+      checkpoints.save(step, host_state(state), data_state=batches.state())
+    checkpoints.wait()
+  progress.close()
+  checkpoints.close()
+
+  final = history[-1] if history else {}
+  summary = {
+      "model": model_id, "steps": step, "stopped_early": stopped_early,
+      "melded_layers": len(report.melded), "trainable_params": report.num_trainable,
+      "fp8_weights": report.num_melded_weights, "tokens": int(tokens_seen),
+      "wall_time_s": round(time.perf_counter() - started, 1),
+      "before": first_eval, "final": final,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    _plot(history, first_eval, os.path.join(run_dir, "plot.png"))
+    _tensorboard(history, os.path.join(run_dir, "tb"))
+  _log(f"after {step} steps: {_fmt(final)}; run folder {run_dir}")
+  return summary
+
+
+def _fmt(metrics: Optional[dict]) -> str:
+  if not metrics:
+    return "-"
+  return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                   for k, v in metrics.items() if k in ("loss", "eval_loss", "exact_match"))
+
+
+def _append(path: str, row: dict) -> None:
+  if jax.process_index() == 0:
+    with open(path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+def _progress(config: FinetuneConfig, start: int):
+  from tqdm.auto import tqdm
+
+  return tqdm(total=config.steps, initial=start, desc="falqon", unit="step",
+              disable=not config.progress or jax.process_index() != 0, dynamic_ncols=True)
+
+
+def _plot(history: list, before: Optional[dict], path: str) -> None:
+  """Loss (and held-out metrics) against steps, as a PNG."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  if not history:
+    return
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss")
+  evals = [r for r in history if "eval_loss" in r]
+  if before:
+    evals = [{"step": 0, **before}] + evals
+  if evals:
+    ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / target token)")
+  if any("exact_match" in r for r in evals):
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in evals if "exact_match" in r],
+             [r["exact_match"] for r in evals if "exact_match" in r], "s--", color="tab:green",
+             label="exact match")
+    ax2.set_ylabel("exact match")
+    ax2.set_ylim(0, 1)
+    ax2.legend(loc="upper center")
+  ax.legend(loc="upper right")
+  ax.set_title("FALQON fine-tuning")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _tensorboard(history: list, folder: str) -> None:
+  """TensorBoard event files, when tensorboardX is installed (it is optional)."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return
+
+  with contextlib.closing(SummaryWriter(folder)) as writer:
+    for row in history:
+      for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+          writer.add_scalar(key, value, row["step"])
