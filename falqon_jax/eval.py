@@ -32,8 +32,6 @@ Example:
   >>> result = fe.perplexity(model, params, Bytes(), ["hello world", "melded FP8"])
   >>> result["tokens"], 200 < result["perplexity"] < 320  # untrained: about the vocab size
   (21, True)
-  >>> len(fe.generate(model, params, Bytes(), ["Hi"], max_new_tokens=4)[0]) <= 4
-  True
 """
 
 from __future__ import annotations

@@ -184,8 +184,8 @@ def test_multiple_choice_picks_argmax_of_hand_loglikelihoods(llama, oracle, mmlu
 
 
 @pytest.mark.slow
-def test_multiple_choice_k_shot_subjects_limit(llama, mmlu):
-  model, _, params = llama
+def test_multiple_choice_k_shot_subjects_limit(llama, oracle, mmlu):
+  model, params, _ = llama
   zero = fe.multiple_choice(model, params, TOK, mmlu, k_shot=0, subjects="world_religions",
                             limit=2, batch_size=BATCH, details=True)
   assert zero["n"] == 2 and list(zero["per_subject"]) == ["world_religions"]
@@ -198,6 +198,14 @@ def test_multiple_choice_k_shot_subjects_limit(llama, mmlu):
   assert three["samples"][1]["prompt"].endswith("What is Diwali?\nA. A fast\nB. A festival"
                                                 " of lights\nC. A river\nD. A god\nAnswer:")
   assert zero["samples"][0]["scores"] != three["samples"][0]["scores"]
+  # too-long prompts lose tokens on the left (lm-eval's truncation); the letter is kept
+  short = fe.multiple_choice(model, params, TOK, mmlu, k_shot=3, subjects=["world_religions"],
+                             limit=2, batch_size=BATCH, max_len=64, details=True)
+  prompt = short["samples"][0]["prompt"]
+  assert prompt == three["samples"][0]["prompt"]
+  want = [oracle.logprobs(params, TOK.encode(prompt + " " + l, add_bos=True)[-64:])[-2:].sum()
+          for l in "ABCD"]
+  np.testing.assert_allclose(short["samples"][0]["scores"], want, rtol=1e-5, atol=1e-5)
 
 
 def test_multiple_choice_bad_input(llama, mmlu, tmp_path):
