@@ -586,6 +586,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 8,
     add_bos: bool = True,
+    encode: Optional[Callable[[str], Sequence[int]]] = None,
 ) -> list[str]:
   """Completes each prompt: greedy (``temperature=0``) or sampled; returns the new text.
 
@@ -596,8 +597,10 @@ def generate(
   emitted EOS or the buffer is full. Sampling divides the logits by ``temperature``,
   keeps the ``top_k`` largest (all when None), and draws from ``jax.random.key(seed)``
   (folded with the batch index). Ids past ``tokenizer.vocab_size`` (a padded embedding
-  table) are never emitted. Prompts are encoded with BOS when ``add_bos``; those too long
-  for the model's positions lose tokens on the left. The text returned stops before EOS.
+  table) are never emitted. Prompts are encoded with BOS when ``add_bos``, or by
+  ``encode(prompt) -> ids`` when given (e.g. to truncate them as training did); those too
+  long for the model's positions lose tokens on the left. The text returned stops before
+  EOS.
 
   Example:
     >>> fe.generate(model, params, tok, ["2+2="], max_new_tokens=4)  # doctest: +SKIP
@@ -606,7 +609,10 @@ def generate(
   _check_tokenizer(model, tokenizer)
   if isinstance(prompts, str):
     raise TypeError("prompts must be a list of strings, not one string")
-  ids = [tokenizer.encode(p, add_bos=add_bos, add_eos=False) for p in prompts]
+  if encode is None:
+    ids = [tokenizer.encode(p, add_bos=add_bos, add_eos=False) for p in prompts]
+  else:
+    ids = [encode(p) for p in prompts]
   new = generate_ids(model, params, tokenizer, ids, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size)
   return [tokenizer.decode(n) for n in new]
@@ -626,12 +632,13 @@ def exact_match(
     batch_size: int = 16,
     match: Optional[Callable[[str, Any], bool]] = None,
     add_bos: bool = True,
+    encode: Optional[Callable[[str], Sequence[int]]] = None,
 ) -> dict:
   """Greedy-decodes each ``example.prompt`` and compares it with ``example.response``.
 
   ``match(prediction, example) -> bool`` decides; the default is equality after
   ``str.strip()`` on both sides. The prediction is the text up to EOS or
-  ``max_new_tokens``.
+  ``max_new_tokens``. ``add_bos`` and ``encode`` are as for :func:`generate`.
 
   Returns:
     ``dict(exact_match=fraction correct, n=examples, samples=[dict(prompt, response,
@@ -649,7 +656,8 @@ def exact_match(
       raise TypeError(f"example {i} ({type(ex).__name__}) has no .prompt/.response")
   match = match or _default_match
   preds = generate(model, params, tokenizer, [ex.prompt for ex in examples],
-                   max_new_tokens=max_new_tokens, batch_size=batch_size, add_bos=add_bos)
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, add_bos=add_bos,
+                   encode=encode)
   samples = [
       dict(prompt=ex.prompt, response=ex.response, prediction=p, correct=bool(match(p, ex)))
       for ex, p in zip(examples, preds)

@@ -345,6 +345,11 @@ def test_exact_match_counts(rigged):
   first_letter = lambda pred, ex: pred[:1] == ex.response.strip()[:1]
   assert fe.exact_match(model, params, TOK, examples, max_new_tokens=8, batch_size=3,
                         match=first_letter)["exact_match"] == pytest.approx(2 / 3)
+  # encode= replaces the prompt encoding (e.g. training's truncation): here every prompt
+  # becomes "r", so every prediction is "ld"
+  got = fe.exact_match(model, params, TOK, examples, max_new_tokens=8, batch_size=3,
+                       encode=lambda prompt: TOK.encode("r", add_bos=True))
+  assert [s["prediction"] for s in got["samples"]] == ["ld"] * 3 and got["exact_match"] == 0
   with pytest.raises(ValueError, match="no examples"):
     fe.exact_match(model, params, TOK, [])
 
