@@ -120,7 +120,10 @@ def pmap_train_step(model, tx: optax.GradientTransformation, axis_name: str = "d
   """The same step for ``jax.pmap(..., axis_name=axis_name)``.
 
   Each device holds a slice of the batch; NLL sums, target counts and gradients are
-  ``psum`` med, so the update is the token-mean over the global batch, as under jit.
+  ``psum`` med, so the update is the token-mean over the global batch, as under jit. One
+  difference: each device quantizes its own activations with its own per-tensor scale
+  (as one GPU per replica does in the reference), while under jit the amax is taken over
+  the global batch. The replicas still agree bit for bit with each other.
   """
   loss_sum = make_loss_fn(model)
 
