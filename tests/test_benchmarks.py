@@ -1,0 +1,225 @@
+"""Tests for the benchmark harness: each method's layer against a float reference, which
+leaves train, and smoke runs of benchmarks/step_time.py and benchmarks/quality.py.
+
+The smoke runs are subprocesses (as CI would run the scripts) with XLA's CPU backend
+optimizations off: at these sizes compiling is most of the time, and it checks nothing.
+The quality run gets a small made-up corpus in tmp_path, so it never needs ../shared.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import methods as M  # noqa: E402
+
+KINDS = M.METHODS
+IN, OUT, RANK, N = 128, 64, 16, 48  # NF4 needs in % 64 == 0
+
+
+def _state(kind, rng, random_b=True):
+  w = jnp.asarray(rng.normal(0, 0.05, (IN, OUT)), jnp.float32)
+  state = M.Method(kind, kind, rank=RANK, alpha=RANK).prepare_kernel(w, jax.random.key(0))
+  if random_b and kind != "falqon":  # B = 0 at init hides the branch; make it count
+    state = dataclasses.replace(
+        state, b=jnp.asarray(rng.normal(0, 0.05, (RANK, OUT)), jnp.float32))
+  return w, state
+
+
+def _float_forward(kind, w, state, x):
+  """The method's function in f32 on the unquantized weight (FALQON: delta is 0)."""
+  x = x.astype(jnp.float32)
+  if kind == "falqon":
+    return x @ w
+  return x @ w + (x @ state.a) @ state.b * state.scaling
+
+
+# Relative Frobenius error bounds: bf16 rounding, e4m3 (3 mantissa bits) on x and W,
+# NF4's 16 levels per block of 64.
+FWD_TOL = {"bf16-lora": 0.02, "fp8-base-lora": 0.08, "fp8-all-lora": 0.08,
+           "qlora-nf4": 0.15, "falqon": 0.08}
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_forward_close_to_float(kind, rng):
+  w, state = _state(kind, rng)
+  x = jnp.asarray(rng.normal(0, 1, (N, IN)), jnp.bfloat16)
+  y = M.apply_state(x, state)
+  assert y.dtype == jnp.bfloat16 and y.shape == (N, OUT)
+  assert _rel(y, _float_forward(kind, w, state, x)) < FWD_TOL[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_gradients_close_to_float_and_only_trainable(kind, rng):
+  w, state = _state(kind, rng)
+  x = jnp.asarray(rng.normal(0, 1, (N, IN)), jnp.bfloat16)
+  g = jnp.asarray(rng.normal(0, 1, (N, OUT)), jnp.bfloat16)
+  fields = M.trainable_fields(state)
+  assert fields == (("delta",) if kind == "falqon" else ("a", "b"))
+  t = {f: getattr(state, f) for f in fields}
+
+  def loss(t, x):
+    y = M.apply_state(x, dataclasses.replace(state, **t))
+    return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32))
+
+  dt, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(t, x)
+  assert set(dt) == set(fields)
+
+  if kind == "falqon":  # y = x W + (x A^T) delta^T, differentiated at delta = 0
+    a = state.lora_a(jnp.float32)
+    ref = jax.grad(lambda d, x: jnp.sum(
+        (x @ w + (x @ a.T) @ d.T) * g.astype(jnp.float32)), argnums=(0, 1))
+    ref_dt, ref_dx = ref(jnp.zeros_like(state.delta), x.astype(jnp.float32))
+    ref_dt = {"delta": ref_dt}
+  else:
+    ref = jax.grad(lambda t, x: jnp.sum(
+        _float_forward(kind, w, dataclasses.replace(state, **t), x)
+        * g.astype(jnp.float32)), argnums=(0, 1))
+    ref_dt, ref_dx = ref(t, x.astype(jnp.float32))
+  tol = 0.02 if kind == "bf16-lora" else 0.15
+  assert _rel(dx, ref_dx) < tol
+  for f in fields:
+    assert _rel(dt[f], ref_dt[f]) < tol, f
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_optimizer_step_changes_only_trainable_leaves(kind, rng):
+  _, state = _state(kind, rng, random_b=False)
+  params = {"layer": {"kernel": state}, "norm": jnp.ones((IN,), jnp.bfloat16)}
+  frozen_before = jax.tree_util.tree_map(np.asarray, params)
+  method = M.Method(kind, kind, rank=RANK)
+  opt = method.optimizer()
+  opt_state = opt.init(params)
+  grads = jax.tree_util.tree_map(jnp.ones_like, M.trainable_tree(params))
+  new, _ = jax.jit(opt.step)(params, grads, opt_state, jnp.float32(0.1))
+  old_s, new_s = frozen_before["layer"]["kernel"], new["layer"]["kernel"]
+  np.testing.assert_array_equal(new["norm"], frozen_before["norm"])
+  for f in dataclasses.fields(new_s):
+    if f.metadata.get("static"):
+      continue
+    before, after = np.asarray(getattr(old_s, f.name)), np.asarray(getattr(new_s, f.name))
+    if kind == "falqon" and f.name == "qweight":  # the merge rewrites at most k rows
+      changed = np.any(before.view(np.uint8) != after.view(np.uint8), axis=1)
+      assert 0 < changed.sum() <= RANK and not changed[OUT:].any()
+    elif kind == "falqon" and f.name == "delta":
+      np.testing.assert_array_equal(after, 0)  # reset="all"
+    elif f.name in M.trainable_fields(old_s):
+      assert not np.array_equal(before, after), f.name
+    else:
+      np.testing.assert_array_equal(before.reshape(-1).view(np.uint8),
+                                    after.reshape(-1).view(np.uint8), f.name)
+
+
+def test_nf4_round_trip_and_packing():
+  levels = jnp.asarray(M.NF4_CODE)
+  w = jnp.tile(levels, (2, 8)) * jnp.array([[2.0], [0.5]])  # (2, 128), on the grid
+  codes, absmax = M.nf4_quantize(w)
+  assert codes.shape == (2, 64) and codes.dtype == jnp.uint8 and absmax.shape == (2, 2)
+  np.testing.assert_array_equal(M.nf4_dequantize(codes, absmax, jnp.float32), w)
+  assert int(codes[0, 0]) == 0x01  # codes 0 and 1 share the first byte, high nibble first
+
+
+def test_model_tree_is_hf_flax_llama_tree():
+  import falqon_jax.hf as fh
+
+  cfg = M.llama_config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=16)
+  ours = jax.eval_shape(lambda: M.LlamaLM(cfg).init(jax.random.key(0),
+                                                     jnp.zeros((1, 16), jnp.int32)))
+  hf = jax.eval_shape(lambda: fh.build_model(cfg).init_weights(jax.random.key(0), (1, 16)))
+  assert (jax.tree_util.tree_map(lambda s: s.shape, ours["params"])
+          == jax.tree_util.tree_map(lambda s: s.shape, hf))
+
+
+def test_method_specs():
+  m = M.make_method("falqon[reset=merged,rounding=stochastic,top_k=4]", 16)
+  assert m.options == {"reset": "merged", "rounding": "stochastic", "top_k": 4}
+  for bad in ("lora", "bf16-lora[reset=all]", "falqon[speed=fast]", "falqon[reset]"):
+    with pytest.raises(ValueError):
+      M.make_method(bad, 16)
+
+
+def _run(args, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0")
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+FIVE = "bf16-lora,fp8-base-lora,fp8-all-lora,qlora-nf4,falqon"
+
+
+@pytest.mark.slow
+def test_step_time_smoke(tmp_path):
+  out = tmp_path / "st.json"
+  stdout = _run([os.path.join(BENCH, "step_time.py"), "--smoke", "--methods", FIVE,
+                 "--json", str(out)], tmp_path)
+  assert "say nothing about FP8 speed" in stdout and "Model scope" in stdout
+  result = json.loads(out.read_text())
+  assert result["smoke"] and result["peaks"]["copy_gbps"] > 0
+  assert {r["method"] for r in result["layer"]} == set(FIVE.split(","))
+  assert len(result["layer"]) == 3 * 5
+  for r in result["layer"]:
+    assert r["ms"] > 0 and r["floor_ms"] > 0 and 0 <= r["outside"] <= 1
+  rows = {r["method"]: r for r in result["model"]}
+  assert set(rows) == set(FIVE.split(","))
+  assert all(r["finite_loss"] and r["ms"] > 0 for r in rows.values())
+  # FALQON trains only B (out x r): fewer parameters than LoRA's A and B.
+  assert rows["falqon"]["trainable"] < rows["bf16-lora"]["trainable"]
+
+
+def _tiny_corpus(folder):
+  """Four made-up 'works' with different word statistics (no real text needed)."""
+  rng = np.random.default_rng(0)
+  vocab = ["thou", "art", "the", "king", "of", "night", "and", "my", "love", "is",
+           "fair", "sweet", "death", "come", "hence", "lord"]
+  folder.mkdir()
+  for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+    p = np.roll(np.linspace(1, 3, len(vocab)), 4 * i)
+    words = rng.choice(vocab, 12000, p=p / p.sum())
+    lines = [" ".join(words[j:j + 8]) for j in range(0, len(words), 8)]
+    (folder / f"{name}.txt").write_text(f"WORK {name.upper()}\n" + "\n".join(lines))
+
+
+@pytest.mark.slow
+def test_quality_quick(tmp_path):
+  corpus = tmp_path / "corpus"
+  _tiny_corpus(corpus)
+  out = tmp_path / "q.json"
+  stdout = _run([os.path.join(BENCH, "quality.py"), "--quick", "--corpus", str(corpus),
+                 "--held-out", "delta", "--methods", FIVE, "--json", str(out)], tmp_path)
+  assert "keeps" in stdout
+  result = json.loads(out.read_text())
+  assert result["held_out"] == ["delta"]
+  rows = {r["method"]: r for r in result["rows"]}
+  assert set(rows) == set(FIVE.split(","))
+  for r in rows.values():
+    assert np.isfinite(r["test"]) and r["best_lr"] > 0
+  assert rows["bf16-lora"]["gain"] > 0  # fine-tuning on the held-out work helps
+  assert rows["bf16-lora"]["kept"] == pytest.approx(1.0)
+
+
+def test_quality_missing_corpus_skips_cleanly(tmp_path, capsys):
+  import quality
+
+  assert quality.main(["--quick", "--corpus", str(tmp_path / "absent")]) is None
+  out = capsys.readouterr().out
+  assert "quality benchmark skipped: no corpus at" in out and "--corpus" in out
