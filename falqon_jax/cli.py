@@ -32,6 +32,8 @@ def _finetune(args, rest: Sequence[str]) -> None:
 
 def load_for_inference(folder: str):
   """``(model, params, tokenizer, config_or_None)`` from a run folder or an HF folder."""
+  import jax
+
   import falqon_jax.hf as fh
   from falqon_jax import checkpoint as ckpt_lib
   from falqon_jax import data as data_lib
@@ -62,7 +64,9 @@ def load_for_inference(folder: str):
                 "melded": [m.path for m in report.melded]})
   state, _ = checkpoints.restore(template)
   checkpoints.close()
-  return model, state.params, tokenizer, cfg
+  # Training may have replicated the state over a mesh; inference runs on one device.
+  params = jax.device_put(state.params, jax.devices()[0])
+  return model, params, tokenizer, cfg
 
 
 def _has_tokenizer(folder: str) -> bool:

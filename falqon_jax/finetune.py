@@ -66,7 +66,8 @@ def _pretrain_builtin(model, tokenizer, config: FinetuneConfig, folder: str):
   examples = data_lib.synthetic_task(config.train_examples, seed=config.seed + 1000,
                                      kinds=BUILTIN_BASE_KINDS)
   batches = data_lib.Batches(examples, batch_size=32, tokenizer=tokenizer, seed=config.seed)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 50, config.base_steps), 0.01)
+  warmup = min(50, config.base_steps // 10)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, config.base_steps), 0.01)
   loss_sum = train.make_loss_fn(model)
 
   @jax.jit
@@ -120,7 +121,7 @@ def load_data(config: FinetuneConfig, tokenizer):
   if config.data is None:
     train_ex = data_lib.synthetic_task(config.train_examples, seed=config.seed)
     eval_ex = data_lib.synthetic_task(config.eval_examples, seed=config.seed + 1)
-    return train_ex, eval_ex
+    return train_ex, eval_ex  # eval_examples=0 turns evaluation off
   examples = data_lib.load_examples(config.data, format=config.data_format, tokenizer=tokenizer)
   n_eval = min(config.eval_examples, len(examples) // 10)
   if len(examples) - n_eval < config.batch_size:
@@ -139,6 +140,9 @@ class Evaluator:
 
   def __init__(self, model, tokenizer, examples, config: FinetuneConfig, builtin: bool):
     self.model, self.tokenizer, self.examples, self.builtin = model, tokenizer, examples, builtin
+    # Prompts encoded exactly as training saw them (truncated to source_max_len).
+    self.encode = lambda prompt: data_lib.encode_prompt(
+        prompt, tokenizer, source_max_len=config.source_max_len)
     batch = min(config.batch_size, len(examples))
     it = data_lib.Batches(examples, batch_size=batch, tokenizer=tokenizer, seed=12345,
                           source_max_len=config.source_max_len,
@@ -156,7 +160,8 @@ class Evaluator:
       from falqon_jax import eval as eval_lib
 
       em = eval_lib.exact_match(self.model, params, self.tokenizer, self.examples,
-                                max_new_tokens=8, match=data_lib.exact_match)
+                                max_new_tokens=8, match=data_lib.exact_match,
+                                encode=self.encode)
       out["exact_match"] = em["exact_match"]
     return out
 
@@ -184,6 +189,8 @@ def _optimizer(config: FinetuneConfig):
 
 
 def _check_config(config: FinetuneConfig) -> None:
+  if config.eval_examples < 0:
+    raise ConfigError(f"eval_examples must be >= 0 (0 turns evaluation off), got {config.eval_examples}")
   for name in ("steps", "batch_size", "grad_accum", "rank", "log_every", "save_every",
                "eval_every", "keep_checkpoints", "base_steps"):
     if getattr(config, name) < 1:
@@ -271,7 +278,8 @@ def run(config: FinetuneConfig) -> dict:
     place = lambda b: dp.put_batch(_device_batch(b))
     host_state = lambda s: s
 
-  evaluator = Evaluator(model, tokenizer, eval_ex, config, builtin=config.data is None)
+  evaluator = (Evaluator(model, tokenizer, eval_ex, config, builtin=config.data is None)
+               if eval_ex else (lambda params: {}))
   metrics_path = os.path.join(run_dir, "metrics.jsonl")
   history, tokens_seen, started = [], 0, time.perf_counter()
   first_eval = evaluator(host_state(state).params) if start_step == 0 else None

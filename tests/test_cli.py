@@ -1,0 +1,138 @@
+"""The falqon-jax CLI: config resolution, a tiny built-in run, subcommands, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from falqon_jax import cli, config as config_lib  # noqa: E402
+from falqon_jax.config import ConfigError, FinetuneConfig  # noqa: E402
+
+TINY = ["--base_steps", "8", "--steps", "6", "--batch_size", "8", "--train_examples", "64",
+        "--eval_examples", "8", "--log_every", "2", "--eval_every", "3", "--save_every", "3",
+        "--rank", "8", "--no-progress"]
+
+
+def test_flags_override_the_file_which_overrides_defaults(tmp_path):
+  (tmp_path / "run.yaml").write_text("rank: 32\nlr: 0.01\ntop_k: 4\n")
+  (tmp_path / "run.toml").write_text('rank = 8\nreset = "all"\n')
+  cfg = config_lib.resolve(FinetuneConfig, file_values=config_lib.load_file(str(tmp_path / "run.yaml")),
+                           flags=["--lr", "0.5", "--top_k", "none", "--no-pack"])
+  assert (cfg.rank, cfg.lr, cfg.top_k, cfg.pack, cfg.steps) == (32, 0.5, None, False, FinetuneConfig.steps)
+  cfg = config_lib.resolve(FinetuneConfig, file_values=config_lib.load_file(str(tmp_path / "run.toml")))
+  assert (cfg.rank, cfg.reset) == (8, "all")
+
+
+@pytest.mark.parametrize("file_values,flags,msg", [
+    ({"rnak": 8}, [], "unknown config key 'rnak'; did you mean 'rank'"),
+    ({}, ["--lerning_rate", "1"], "unknown option '--lerning_rate'"),
+    ({}, ["--lrr", "1"], "did you mean 'lr'"),
+    ({"rank": "eight"}, [], "config key 'rank' needs a int"),
+    ({"reset": "some"}, [], r"reset must be one of \('all', 'merged'\)"),
+])
+def test_config_errors_are_one_line(file_values, flags, msg):
+  with pytest.raises(ConfigError, match=msg):
+    config_lib.resolve(FinetuneConfig, file_values=file_values, flags=flags)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--model", "/no/such/model"], "model folder '/no/such/model' does not exist"),
+    (["--data", "/no/such/data.jsonl"], "data path '/no/such/data.jsonl' does not exist"),
+    (["--batch_size", "6"], "batch size 6 is not divisible by the 4 devices"),
+    (["--rnak", "3"], "did you mean 'rank'"),
+])
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, args, msg):
+  out = tmp_path / "run"
+  assert cli.main(["finetune", "--output_dir", str(out), *TINY, *args]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and msg in err[0], err
+  assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("cli") / "run"
+  assert cli.main(["finetune", "--output_dir", str(out), *TINY]) == 0
+  return out
+
+
+def test_run_folder_holds_metrics_config_summary_plot_checkpoints(run_dir):
+  names = set(os.listdir(run_dir))
+  assert {"config.yaml", "metrics.jsonl", "summary.json", "plot.png", "checkpoints", "base"} <= names
+  rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert rows[0]["step"] == 0 and "exact_match" in rows[0]
+  assert [r["step"] for r in rows[1:]] == [2, 4, 6]
+  assert all({"loss", "tokens_per_s", "step_time", "skipped", "lr"} <= set(r) for r in rows[1:])
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["steps"] == 6 and summary["melded_layers"] == 14 and summary["tokens"] > 0
+  assert summary["trainable_params"] == 2 * 8 * (4 * 128 + 2 * 256 + 128)
+  assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "6"]
+  cfg = config_lib.resolve(FinetuneConfig, file_values=config_lib.load_file(str(run_dir / "config.yaml")))
+  assert cfg.rank == 8 and cfg.steps == 6
+
+
+def test_existing_run_needs_resume(run_dir, capsys):
+  assert cli.main(["finetune", "--output_dir", str(run_dir), *TINY]) == 2
+  assert "pass --resume" in capsys.readouterr().err
+  assert cli.main(["finetune", "--output_dir", str(run_dir), *TINY, "--rank", "16", "--resume"]) == 2
+  assert "rank: saved 8, now 16" in capsys.readouterr().err
+
+
+def test_eval_generate_and_export_on_the_run(run_dir, tmp_path, capsys):
+  (tmp_path / "text.txt").write_text("copy abc:abc\nreverse abc:cba\n" * 4)
+  assert cli.main(["eval", str(run_dir), "--perplexity", str(tmp_path / "text.txt"),
+                   "--builtin", "--limit", "8"]) == 0
+  results = json.loads(capsys.readouterr().out)
+  assert results["perplexity"]["tokens"] > 0 and 0 <= results["builtin"]["exact_match"] <= 1
+  assert cli.main(["generate", str(run_dir), "copy abc:", "--max_new_tokens", "4"]) == 0
+  assert capsys.readouterr().out.startswith("copy abc:")
+  out = tmp_path / "fp8"
+  assert cli.main(["export", str(run_dir), str(out), "--format", "fp8"]) == 0
+  assert (out / "config.json").exists()
+  assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+  assert cli.main(["export", str(run_dir), str(out)]) == 2  # refuses to overwrite
+  assert cli.main(["eval", str(out), "--perplexity", str(tmp_path / "text.txt")]) == 0
+
+
+def _checkpoint_leaves(folder, step):
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(os.path.join(folder, "checkpoints")) as mngr:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  def raw(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.asarray(x).tobytes()
+  return [raw(x) for x in jax.tree_util.tree_leaves(restored.state)]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+  base = [sys.executable, "-m", "falqon_jax.cli", "finetune", "--base_steps", "8",
+          "--batch_size", "8", "--train_examples", "256", "--eval_examples", "0", "--rank", "8",
+          "--save_every", "4", "--keep_checkpoints", "10", "--log_every", "4", "--no-progress",
+          "--steps", "24"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  subprocess.run(base + ["--output_dir", straight], check=True, env=env, capture_output=True)
+  proc = subprocess.Popen(base + ["--output_dir", killed], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 300
+  while not (os.path.isdir(ckpts) and "8" in os.listdir(ckpts)):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  assert max(done) < 24, "the run finished before the kill; nothing was resumed"
+  subprocess.run(base + ["--output_dir", killed, "--resume"], check=True, env=env, capture_output=True)
+  assert _checkpoint_leaves(killed, 24) == _checkpoint_leaves(straight, 24)
