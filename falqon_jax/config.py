@@ -63,7 +63,10 @@ class FinetuneConfig:
   remat: bool = False
   parallel: str = "jit"  # jit | pmap
   fsdp: bool = False
-  distributed: bool = False
+  distributed: bool = False  # jax.distributed.initialize(): multi-host
+  coordinator: Optional[str] = None  # host:port; None: auto-detected on clusters and pods
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
   # Built-in default (used when model / data are None).
   base_steps: int = 600  # pretraining steps of the built-in base model
   train_examples: int = 20000

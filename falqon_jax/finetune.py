@@ -224,7 +224,7 @@ def run(config: FinetuneConfig) -> dict:
   """Runs the fine-tuning job; returns the summary (also written to summary.json)."""
   _check_config(config)
   if config.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id)
   run_dir = os.path.abspath(config.output_dir)
   dp = train.DataParallel(fsdp=config.fsdp)
   dp.check_batch_size(config.batch_size)

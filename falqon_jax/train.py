@@ -203,7 +203,11 @@ class DataParallel:
     return jax.tree_util.tree_map(to_sharding, specs, is_leaf=lambda x: isinstance(x, P))
 
   def put_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state, self.state_sharding(state))
+    """Places a state that every process holds identically onto the (global) mesh."""
+    shardings = self.state_sharding(state)
+    if jax.process_count() == 1:
+      return jax.device_put(state, shardings)
+    return jax.tree_util.tree_map(_to_global, state, shardings)
 
   def put_batch(self, batch: Batch) -> Batch:
     """Places a host batch (the global batch on one process, or this process's slice
@@ -224,6 +228,15 @@ class DataParallel:
         out_shardings=(state_sharding, self.replicated),
         donate_argnums=(0,) if donate else (),
     )
+
+
+def _to_global(x, sharding):
+  """A global array from this process's full copy of ``x`` (multi-host)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _to_global(jax.random.key_data(x), NamedSharding(sharding.mesh, P()))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def replicate(tree, devices=None):
