@@ -32,10 +32,13 @@ optimizer (clip the global norm at 3.0, Adam (0.9, 0.999), constant learning rat
 weight decay, as the FALQON reference), with the learning rate passed at each call so
 that one compiled step serves a whole learning-rate sweep.
 
-qwix (``LoraProvider`` with fp8 or nf4 weights) would give baselines 2 and 4 too, but it
-intercepts ``lax.dot_general`` and owns its LoRA params, which does not fit this one-tree
-harness; these implementations follow the same recipe (quantized frozen weight, direct
-FP8 dot with scales after it, separate LoRA branch) without the dependency.
+qwix 0.1.8 (``LoraProvider`` with fp8 or nf4 weights) installs beside jax 0.10.2 and runs,
+but it is not used here: it owns its LoRA params (``kernel_lora_a``/``_b``), which does not
+fit this one-tree harness, and in its fp8 LoRA path only the forward is an FP8 dot (NN
+layout); the dx product is a bf16 x fp8 dot, i.e. a dequantized bf16 GEMM (checked on
+its jaxpr, CPU). The FP8 baselines below quantize g to e5m2 for an FP8 dx GEMM, as
+Transformer Engine does, which makes them the stronger baselines. qwix's nf4 is per
+output channel by default; QLoRA's (and this file's) is per block of 64.
 """
 
 from __future__ import annotations
@@ -618,9 +621,11 @@ def next_token_loss(logits, tokens):
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def make_train_step(model: nn.Module, opt: Optimizer, loss_fn=next_token_loss):
+def make_train_step(model: nn.Module, opt: Optimizer, loss_fn=next_token_loss,
+                    donate: bool = True):
   """``step(params, opt_state, tokens, lr) -> (params, opt_state, loss)``, jitted with
-  params and opt_state donated (FALQON's merge then writes its rows in place).
+  params and opt_state donated unless ``donate=False`` (donated, FALQON's merge writes
+  its rows in place).
 
   Gradients are taken with respect to the trainable leaves only, so no method pays for
   a gradient it throws away.
@@ -636,7 +641,7 @@ def make_train_step(model: nn.Module, opt: Optimizer, loss_fn=next_token_loss):
     params, opt_state = opt.step(params, grads, opt_state, lr)
     return params, opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def make_eval_loss(model: nn.Module, loss_fn=next_token_loss):

@@ -351,7 +351,7 @@ def fmt(v, spec=".2f", none="-"):
 
 def print_layer_table(rows, peaks):
   print(f"\nLayer scope: one linear, forward + backward, N tokens. Peaks measured here:"
-        f" bf16 {peaks['bf16_tflops']:.1f} TFLOP/s, fp8 {peaks['fp8_tflops']:.1f} TFLOP/s"
+        f" bf16 {peaks['bf16_tflops']:.3g} TFLOP/s, fp8 {peaks['fp8_tflops']:.3g} TFLOP/s"
         f" ({peaks['gemm_n']}^3 TN), copy {peaks['copy_gbps']:.0f} GB/s")
   head = (f"{'shape':>12} {'method':<42} {'ms':>9} {'vs bf16':>7} {'TFLOP/s':>8}"
           f" {'%peak':>6} {'outside':>7} {'floor ms':>9} {'MiB':>8} {'fp8 GEMMs':>9}")
@@ -493,7 +493,8 @@ def main(argv=None):
       raise SystemExit(f"unknown --shape {s!r}; use 7b, 13b or a comma list of them")
   n = batch * seq
   device = f"{jax.devices()[0].device_kind} ({backend})"
-  print(f"device: {device}, jax {jax.__version__}, {'SMOKE (tiny sizes)' if smoke else 'full sizes'}")
+  size = "SMOKE (tiny sizes)" if smoke else "full sizes"
+  print(f"device: {device}, jax {jax.__version__}, {size}")
   if backend == "cpu":
     print("CPU: FP8 is emulated (converted to f32); these timings say nothing about FP8 speed.")
   peaks = measure_peaks(smoke, steps)

@@ -170,8 +170,8 @@ FIVE = "bf16-lora,fp8-base-lora,fp8-all-lora,qlora-nf4,falqon"
 @pytest.mark.slow
 def test_step_time_smoke(tmp_path):
   out = tmp_path / "st.json"
-  stdout = _run([os.path.join(BENCH, "step_time.py"), "--smoke", "--methods", FIVE,
-                 "--json", str(out)], tmp_path)
+  stdout = _run([os.path.join(BENCH, "step_time.py"), "--smoke", "--steps", "1",
+                 "--methods", FIVE, "--json", str(out)], tmp_path)
   assert "say nothing about FP8 speed" in stdout and "Model scope" in stdout
   result = json.loads(out.read_text())
   assert result["smoke"] and result["peaks"]["copy_gbps"] > 0
