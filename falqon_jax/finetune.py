@@ -100,6 +100,10 @@ def _device_batch(batch: dict) -> dict:
 
 def load_model(config: FinetuneConfig, run_dir: str):
   """``(model, params, tokenizer, identity)`` for the configured model."""
+  return _load_model(config, run_dir)
+
+
+def _load_model(config: FinetuneConfig, run_dir: str):
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   if config.model is None:
     tokenizer = data_lib.load_tokenizer(config.tokenizer)
@@ -268,13 +272,14 @@ def run(config: FinetuneConfig) -> dict:
   _log(str(report).splitlines()[0])
 
   if config.parallel == "pmap":
-    step_fn = jax.pmap(train.pmap_train_step(model, tx), axis_name="data", donate_argnums=0)
+    step_fn = jax.pmap(train.pmap_train_step(model, tx, remat=config.remat), axis_name="data",
+                       donate_argnums=0)
     state = train.replicate(state)
     place = lambda b: train.split_batch(_device_batch(b), jax.local_device_count())
     host_state = train.unreplicate
   else:
     state = dp.put_state(state)
-    step_fn = dp.compile(train.make_train_step(model, tx), state)
+    step_fn = dp.compile(train.make_train_step(model, tx, remat=config.remat), state)
     place = lambda b: dp.put_batch(_device_batch(b))
     host_state = lambda s: s
 

@@ -26,10 +26,14 @@ Example:
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import re
 from typing import Any, Callable, NamedTuple, Optional
 
+import flax.linen as nn
+
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -66,9 +70,24 @@ def next_token_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Arra
   return jnp.sum(nll * weight), jnp.sum(weight)
 
 
-def forward(model, params, batch: Batch, *, train: bool = False) -> jax.Array:
+LAYER_OUTPUT = "falqon_layer_output"
+_LAYER_CLASS = re.compile(r"(DecoderLayer|Block)$")  # HF Flax decoder blocks
+
+
+def _tag_layer_outputs(next_fun, args, kwargs, context):
+  """Names each decoder block's output, so a remat policy can save exactly those."""
+  out = next_fun(*args, **kwargs)
+  if context.method_name == "__call__" and _LAYER_CLASS.search(type(context.module).__name__):
+    if isinstance(out, tuple):
+      return (jax.ad_checkpoint.checkpoint_name(out[0], LAYER_OUTPUT),) + tuple(out[1:])
+    return jax.ad_checkpoint.checkpoint_name(out, LAYER_OUTPUT)
+  return out
+
+
+def forward(model, params, batch: Batch, *, train: bool = False, remat: bool = False) -> jax.Array:
   """Logits of an HF Flax causal LM on (possibly) melded params."""
-  with falqon_linen.melded():
+  tag = nn.intercept_methods(_tag_layer_outputs) if remat else contextlib.nullcontext()
+  with falqon_linen.melded(), tag:
     return model(
         batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
@@ -78,12 +97,19 @@ def forward(model, params, batch: Batch, *, train: bool = False) -> jax.Array:
     ).logits
 
 
-def make_loss_fn(model) -> Callable:
-  """``loss_sum(params, batch) -> (nll_sum, n_targets)``."""
+def make_loss_fn(model, *, remat: bool = False) -> Callable:
+  """``loss_sum(params, batch) -> (nll_sum, n_targets)``.
+
+  With ``remat``, only each decoder block's output (the residual stream) is saved for the
+  backward pass; everything inside a block, melded layers included, is recomputed.
+  """
 
   def loss_sum(params, batch):
-    return next_token_nll(forward(model, params, batch), batch)
+    return next_token_nll(forward(model, params, batch, remat=remat), batch)
 
+  if remat:
+    policy = jax.checkpoint_policies.save_only_these_names(LAYER_OUTPUT)
+    return jax.checkpoint(loss_sum, policy=policy)
   return loss_sum
 
 
@@ -95,13 +121,13 @@ def _metrics(loss_sum, n, opt_state):
   }
 
 
-def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(model, tx: optax.GradientTransformation, *, remat: bool = False) -> Callable:
   """A pure ``(state, batch) -> (state, metrics)`` step, for ``jax.jit``.
 
   Differentiates the token-mean loss over the whole (global) batch; under ``jax.jit``
   with a sharded batch, XLA all-reduces the gradients.
   """
-  loss_sum = make_loss_fn(model)
+  loss_sum = make_loss_fn(model, remat=remat)
 
   def step(state: TrainState, batch: Batch):
     def mean_loss(params):
@@ -116,7 +142,8 @@ def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
   return step
 
 
-def pmap_train_step(model, tx: optax.GradientTransformation, axis_name: str = "data") -> Callable:
+def pmap_train_step(model, tx: optax.GradientTransformation, axis_name: str = "data", *,
+                    remat: bool = False) -> Callable:
   """The same step for ``jax.pmap(..., axis_name=axis_name)``.
 
   Each device holds a slice of the batch; NLL sums, target counts and gradients are
@@ -125,7 +152,7 @@ def pmap_train_step(model, tx: optax.GradientTransformation, axis_name: str = "d
   (as one GPU per replica does in the reference), while under jit the amax is taken over
   the global batch. The replicas still agree bit for bit with each other.
   """
-  loss_sum = make_loss_fn(model)
+  loss_sum = make_loss_fn(model, remat=remat)
 
   def step(state: TrainState, batch: Batch):
     n = jax.lax.psum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), axis_name)

@@ -114,3 +114,25 @@ def test_fsdp_shards_rows_and_matches_replicated(setup, one_device):
 def test_batch_not_divisible_by_devices():
   with pytest.raises(ValueError, match="batch size 6 is not divisible by the 4 devices"):
     train.DataParallel().check_batch_size(6)
+
+
+def test_remat_saves_only_block_outputs_and_gives_the_same_step(setup):
+  from jax._src.ad_checkpoint import saved_residuals
+
+  model, params, tx, batches = setup
+  outs = []
+  for remat in (False, True):
+    step = jax.jit(train.make_train_step(model, tx, remat=remat))
+    state, metrics = step(_fresh_state(params, tx), batches[0])
+    outs.append((_qweights(state.params), float(metrics["loss"])))
+  assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-6)
+  for a, b in zip(outs[0][0], outs[1][0]):
+    np.testing.assert_array_equal(a, b)
+  # With remat, the only activations kept are the blocks' outputs: (B, T, hidden).
+  loss = train.make_loss_fn(model, remat=True)
+  saved = [aval for aval, src in saved_residuals(lambda p: loss(p, batches[0])[0], params)
+           if "argument" not in src]
+  activations = [a.shape for a in saved if a.shape[:2] == (BATCH, SEQ) and a.ndim == 3]
+  assert activations == [(BATCH, SEQ, 64)]  # one block output for the one layer
+  # The rest is small: integer masks/positions and the RoPE table.
+  assert all(a.size <= 128 * 32 for a in saved if a.shape[:2] != (BATCH, SEQ) or a.ndim != 3)
