@@ -12,47 +12,53 @@ import json
 import os
 import sys
 
-process_id, num_processes, port, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // num_processes}"
 
-import jax  # noqa: E402
+def main():
+  process_id, num_processes, port, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // num_processes}"
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if num_processes > 1:
-  jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
+  import jax
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if num_processes > 1:
+    jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
 
-import falqon_jax  # noqa: E402
-import falqon_jax.hf as fh  # noqa: E402
-from falqon_jax import data, train  # noqa: E402
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
 
-assert jax.device_count() == 4 and jax.process_count() == num_processes
-model = fh.build_model(fh.tiny_config("llama", num_hidden_layers=1, vocab_size=272))
-params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
-tx = falqon_jax.proxy_update(optax.adam(2e-2), reset="merged", rounding="stochastic",
-                             key=jax.random.key(1))
-dp = train.DataParallel()
-state = train.TrainState.create(params, tx)
-step = dp.compile(train.make_train_step(model, tx), state)
-state = dp.put_state(state)
-batches = data.Batches(data.synthetic_task(64, seed=0), batch_size=8, seed=0,
-                       process_index=jax.process_index(), process_count=jax.process_count())
-losses = []
-for _ in range(3):
-  local = {k: v for k, v in next(batches).items() if k != "segment_ids"}
-  state, metrics = step(state, dp.put_batch(local))
-  losses.append(float(metrics["loss"]))
+  import falqon_jax
+  import falqon_jax.hf as fh
+  from falqon_jax import data, train
 
-digest = hashlib.sha256()
-for leaf in jax.tree_util.tree_leaves(state.params, is_leaf=lambda x: isinstance(x, falqon_jax.MeldedKernel)):
-  if isinstance(leaf, falqon_jax.MeldedKernel):
-    shard = leaf.qweight.addressable_shards[0].data  # replicated: any shard is the whole
-    digest.update(np.asarray(shard).view(np.uint8).tobytes())
-with open(out_file, "w") as f:
-  json.dump({"process": jax.process_index(), "qweight_sha256": digest.hexdigest(),
-             "losses": losses}, f)
-if num_processes > 1:
-  jax.distributed.shutdown()
+  assert jax.device_count() == 4 and jax.process_count() == num_processes
+  model = fh.build_model(fh.tiny_config("llama", num_hidden_layers=1, vocab_size=272))
+  params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+  tx = falqon_jax.proxy_update(optax.adam(2e-2), reset="merged", rounding="stochastic",
+                               key=jax.random.key(1))
+  dp = train.DataParallel()
+  state = train.TrainState.create(params, tx)
+  step = dp.compile(train.make_train_step(model, tx), state)
+  state = dp.put_state(state)
+  batches = data.Batches(data.synthetic_task(64, seed=0), batch_size=8, seed=0,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+  losses = []
+  for _ in range(3):
+    local = {k: v for k, v in next(batches).items() if k != "segment_ids"}
+    state, metrics = step(state, dp.put_batch(local))
+    losses.append(float(metrics["loss"]))
+
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(state.params, is_leaf=lambda x: isinstance(x, falqon_jax.MeldedKernel)):
+    if isinstance(leaf, falqon_jax.MeldedKernel):
+      shard = leaf.qweight.addressable_shards[0].data  # replicated: any shard is the whole
+      digest.update(np.asarray(shard).view(np.uint8).tobytes())
+  with open(out_file, "w") as f:
+    json.dump({"process": jax.process_index(), "qweight_sha256": digest.hexdigest(),
+               "losses": losses}, f)
+  if num_processes > 1:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()
