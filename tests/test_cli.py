@@ -136,3 +136,25 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   assert max(done) < 24, "the run finished before the kill; nothing was resumed"
   subprocess.run(base + ["--output_dir", killed, "--resume"], check=True, env=env, capture_output=True)
   assert _checkpoint_leaves(killed, 24) == _checkpoint_leaves(straight, 24)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  out = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "falqon_jax.cli", "finetune", "--output_dir", out,
+         "--base_steps", "8", "--batch_size", "8", "--train_examples", "256", "--eval_examples", "0",
+         "--rank", "8", "--save_every", "4", "--log_every", "4", "--no-progress", "--steps", "100000"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  ckpts = os.path.join(out, "checkpoints")
+  deadline = time.time() + 300
+  while not (os.path.isdir(ckpts) and "4" in os.listdir(ckpts)):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output[-2000:]
+  summary = json.loads(open(os.path.join(out, "summary.json")).read())
+  assert summary["stopped_early"] and 4 <= summary["steps"] < 100000
+  assert str(summary["steps"]) in os.listdir(ckpts)  # the stop step was saved
+  assert "interrupted: saving a checkpoint" in output
