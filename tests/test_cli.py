@@ -102,6 +102,24 @@ def test_eval_generate_and_export_on_the_run(run_dir, tmp_path, capsys):
   assert cli.main(["eval", str(out), "--perplexity", str(tmp_path / "text.txt")]) == 0
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+  """A 1-layer Llama HF folder (byte vocab): subprocess runs skip the built-in base."""
+  import falqon_jax.hf as fh
+  from falqon_jax import export
+
+  folder = str(tmp_path_factory.mktemp("tiny") / "llama")
+  model = fh.build_model(fh.tiny_config("llama", vocab_size=272, num_hidden_layers=1))
+  export.save_bf16(folder, model, model.init_weights(jax.random.key(0), (1, 8)))
+  return folder
+
+
+def _subprocess_run(model_dir, *args):
+  return [sys.executable, "-m", "falqon_jax.cli", "finetune", "--model", model_dir,
+          "--tokenizer", "byte", "--batch_size", "8", "--train_examples", "256",
+          "--eval_examples", "0", "--rank", "8", "--log_every", "4", "--no-progress", *args]
+
+
 def _checkpoint_leaves(folder, step):
   import orbax.checkpoint as ocp
 
@@ -115,14 +133,13 @@ def _checkpoint_leaves(folder, step):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
-  base = [sys.executable, "-m", "falqon_jax.cli", "finetune", "--base_steps", "8",
-          "--batch_size", "8", "--train_examples", "256", "--eval_examples", "0", "--rank", "8",
-          "--save_every", "4", "--keep_checkpoints", "10", "--log_every", "4", "--no-progress",
-          "--steps", "24"]
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model_dir):
+  base = _subprocess_run(tiny_model_dir, "--save_every", "4", "--keep_checkpoints", "10",
+                         "--steps", "24")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  subprocess.run(base + ["--output_dir", straight], check=True, env=env, capture_output=True)
+  reference = subprocess.Popen(base + ["--output_dir", straight], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   proc = subprocess.Popen(base + ["--output_dir", killed], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = os.path.join(killed, "checkpoints")
@@ -135,15 +152,15 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   done = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
   assert max(done) < 24, "the run finished before the kill; nothing was resumed"
   subprocess.run(base + ["--output_dir", killed, "--resume"], check=True, env=env, capture_output=True)
+  assert reference.wait(timeout=600) == 0
   assert _checkpoint_leaves(killed, 24) == _checkpoint_leaves(straight, 24)
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
   out = str(tmp_path / "run")
-  cmd = [sys.executable, "-m", "falqon_jax.cli", "finetune", "--output_dir", out,
-         "--base_steps", "8", "--batch_size", "8", "--train_examples", "256", "--eval_examples", "0",
-         "--rank", "8", "--save_every", "4", "--log_every", "4", "--no-progress", "--steps", "100000"]
+  cmd = _subprocess_run(tiny_model_dir, "--output_dir", out, "--save_every", "4",
+                        "--steps", "100000")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   ckpts = os.path.join(out, "checkpoints")
