@@ -34,7 +34,8 @@ from falqon_jax import train
 from falqon_jax.config import ConfigError, FinetuneConfig
 
 BUILTIN = "builtin:tiny-llama"
-BUILTIN_BASE_KINDS = ("copy", "reverse", "recall")
+BUILTIN_BASE_KINDS = ("copy", "reverse", "recall")  # the base model's pretraining
+BUILTIN_TASK_KINDS = data_lib.SYNTHETIC_KINDS  # fine-tuning adds "add" (arithmetic)
 
 
 def _log(msg: str) -> None:
@@ -67,7 +68,7 @@ def _pretrain_builtin(model, tokenizer, config: FinetuneConfig, folder: str):
                                      kinds=BUILTIN_BASE_KINDS)
   batches = data_lib.Batches(examples, batch_size=32, tokenizer=tokenizer, seed=config.seed)
   warmup = min(50, config.base_steps // 10)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, config.base_steps), 0.01)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup, config.base_steps), 0.01)
   loss_sum = train.make_loss_fn(model)
 
   @jax.jit
@@ -123,8 +124,10 @@ def _load_model(config: FinetuneConfig, run_dir: str):
 def load_data(config: FinetuneConfig, tokenizer):
   """``(train_examples, eval_examples)``."""
   if config.data is None:
-    train_ex = data_lib.synthetic_task(config.train_examples, seed=config.seed)
-    eval_ex = data_lib.synthetic_task(config.eval_examples, seed=config.seed + 1)
+    train_ex = data_lib.synthetic_task(config.train_examples, seed=config.seed,
+                                       kinds=BUILTIN_TASK_KINDS)
+    eval_ex = data_lib.synthetic_task(config.eval_examples, seed=config.seed + 1,
+                                      kinds=BUILTIN_TASK_KINDS)
     return train_ex, eval_ex  # eval_examples=0 turns evaluation off
   examples = data_lib.load_examples(config.data, format=config.data_format, tokenizer=tokenizer)
   n_eval = min(config.eval_examples, len(examples) // 10)
