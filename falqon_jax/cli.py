@@ -48,9 +48,8 @@ def load_for_inference(folder: str):
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{folder!r} holds neither config.json (an HF model) nor"
                             " config.yaml (a falqon-jax run)")
-  cfg = config_lib.resolve(FinetuneConfig, file_values=config_lib.load_file(config_path))
-  cfg = config_lib.resolve(FinetuneConfig, file_values={**config_lib.to_dict(cfg),
-                                                        "output_dir": folder})
+  saved = config_lib.load_file(config_path)
+  cfg = config_lib.resolve(FinetuneConfig, file_values={**saved, "output_dir": folder})
   model, params, tokenizer, model_id = finetune.load_model(cfg, folder)
   params, report = fh.meld_params(model, params, cfg.rank, targets=cfg.targets, init=cfg.init,
                                   scaling=cfg.scaling)
@@ -58,10 +57,7 @@ def load_for_inference(folder: str):
   template = train.TrainState.create(params, tx)
   checkpoints = ckpt_lib.Checkpointer(
       os.path.join(folder, "checkpoints"),
-      identity={"model": model_id, "rank": cfg.rank, "targets": cfg.targets,
-                "scaling": cfg.scaling, "init": cfg.init, "seed": cfg.seed,
-                "vocab_size": int(tokenizer.vocab_size),
-                "melded": [m.path for m in report.melded]})
+      identity=finetune.run_identity(cfg, model_id, tokenizer, report))
   state, _ = checkpoints.restore(template)
   checkpoints.close()
   # Training may have replicated the state over a mesh; inference runs on one device.
@@ -86,7 +82,8 @@ def _eval(args) -> None:
   if args.mmlu:
     results["mmlu"] = eval_lib.multiple_choice(model, params, tokenizer, args.mmlu,
                                                k_shot=args.k_shot, limit=args.limit)
-    results["mmlu"].pop("per_subject", None) if not args.verbose else None
+    if not args.verbose:
+      results["mmlu"].pop("per_subject", None)
   if args.builtin:
     seed = (cfg.seed if cfg else 0) + 1
     examples = data_lib.synthetic_task(args.limit or 200, seed=seed)

@@ -207,6 +207,14 @@ def _check_config(config: FinetuneConfig) -> None:
     raise FileNotFoundError(f"data path {config.data!r} does not exist")
 
 
+def run_identity(config: FinetuneConfig, model_id: str, tokenizer, report) -> dict:
+  """What a checkpoint must match to be resumed or evaluated with this config."""
+  return {"model": model_id, "rank": config.rank, "targets": config.targets,
+          "scaling": config.scaling, "init": config.init, "seed": config.seed,
+          "vocab_size": int(tokenizer.vocab_size),
+          "melded": [m.path for m in report.melded]}
+
+
 class _Interrupt:
   """Turns the first Ctrl-C into a flag, so the loop can save and stop cleanly."""
 
@@ -248,10 +256,7 @@ def run(config: FinetuneConfig) -> dict:
                                              key=jax.random.key(config.seed))
   tx, schedule = _optimizer(config)
   state = train.TrainState.create(params, tx)
-  identity = {"model": model_id, "rank": config.rank, "targets": config.targets,
-              "scaling": config.scaling, "init": config.init, "seed": config.seed,
-              "vocab_size": int(tokenizer.vocab_size),
-              "melded": [m.path for m in report.melded]}
+  identity = run_identity(config, model_id, tokenizer, report)
   checkpoints = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), identity=identity,
                                       keep=config.keep_checkpoints)
   batches = data_lib.Batches(
