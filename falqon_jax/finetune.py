@@ -302,30 +302,37 @@ def run(config: FinetuneConfig) -> dict:
 
   progress = _progress(config, start_step)
   last_time, stopped_early = time.perf_counter(), False
+  interval_steps = interval_tokens = 0  # since the last log row: for honest rates
   step = start_step
   with _Interrupt() as interrupt:
     while step < config.steps and not interrupt.requested:
       batch = next(batches)
-      tokens_seen += int(batch["loss_mask"][:, 1:].sum()) * jax.process_count()  # host-side
+      batch_tokens = int(batch["loss_mask"][:, 1:].sum()) * jax.process_count()  # host-side
+      tokens_seen += batch_tokens
+      interval_tokens += batch_tokens
+      interval_steps += 1
       state, metrics = step_fn(state, place(batch))
       step += 1
       if step % config.log_every == 0 or step == config.steps:
         metrics = {k: float(np.mean(v)) for k, v in metrics.items()}
         now = time.perf_counter()
+        # Training time only: the interval starts after the previous row's eval and I/O.
         row = {"step": step, "loss": metrics["loss"], "skipped": int(metrics["skipped"]),
                "lr": float(schedule(step)),
-               "step_time": (now - last_time) / config.log_every,
-               "tokens_per_s": metrics["tokens"] * config.log_every / (now - last_time)}
-        last_time = now
+               "step_time": (now - last_time) / interval_steps,
+               "tokens_per_s": interval_tokens / (now - last_time)}
         if step % config.eval_every == 0 or step == config.steps:
           row.update(evaluator(host_state(state).params))
-          progress.write(f"step {step}: {_fmt(row)}") if config.progress else _log(
-              f"step {step}: {_fmt(row)}")
+          if config.progress:
+            progress.write(f"step {step}: {_fmt(row)}")
+          else:
+            _log(f"step {step}: {_fmt(row)}")
         history.append(row)
         _append(metrics_path, row)
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                              skipped=row["skipped"])
+        last_time, interval_steps, interval_tokens = time.perf_counter(), 0, 0
       if step % config.save_every == 0:
         checkpoints.save(step, host_state(state), data_state=batches.state())
     stopped_early = interrupt.requested

@@ -71,6 +71,7 @@ def test_run_folder_holds_metrics_config_summary_plot_checkpoints(run_dir):
   assert rows[0]["step"] == 0 and "exact_match" in rows[0]
   assert [r["step"] for r in rows[1:]] == [2, 4, 6]
   assert all({"loss", "tokens_per_s", "step_time", "skipped", "lr"} <= set(r) for r in rows[1:])
+  assert all(r["tokens_per_s"] > 0 and r["step_time"] > 0 for r in rows[1:])
   summary = json.loads((run_dir / "summary.json").read_text())
   assert summary["steps"] == 6 and summary["melded_layers"] == 14 and summary["tokens"] > 0
   assert summary["trainable_params"] == 2 * 8 * (4 * 128 + 2 * 256 + 128)
