@@ -165,10 +165,9 @@ def _check_merge(qweight, scale, delta, rows, out_features, scaling, rounding, k
       raise ValueError(f"rows must lie in [0, {out_features}), got min {r.min()} max {r.max()}")
     if np.unique(r).size != r.size:
       raise ValueError("rows must be distinct (a row is merged at most once)")
-  if rounding not in ("nearest", "stochastic"):
-    raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-  if rounding == "stochastic" and key is None:
-    raise ValueError('rounding="stochastic" needs key=jax.random.key(...)')
+  from falqon_jax import _merge  # the core's own option checks (imported lazily: no cycle)
+
+  _merge.check_merge_options("all", rounding, key)
   if active is not None and (
       getattr(active, "shape", ()) != () or not jnp.issubdtype(jnp.result_type(active), jnp.integer)
   ):
