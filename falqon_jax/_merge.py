@@ -2,7 +2,8 @@
 
 Spec: falqon-reference.md section 5 (``apply_delta_weight``). The reference upcasts the
 whole weight every step; here only the k selected rows are read, computed and written, so
-with donated buffers the write is in place (see :func:`write_rows` for the CPU caveat).
+with donated buffers the write is in place (on CPU through a small custom call, see
+:func:`write_rows`).
 """
 
 from __future__ import annotations
@@ -34,14 +35,20 @@ def write_rows(qweight: jax.Array, rows: jax.Array, new_rows: jax.Array, *, via_
   """``qweight.at[rows].set(new_rows)``, written so the k rows update in place.
 
   GPU and TPU scatter fp8 natively, in place when ``qweight`` is donated. CPU XLA
-  upcasts the *whole* array to f32 around an fp8 scatter (~5x the cost of the two
-  full-size byte copies that a uint8 view costs there), so on CPU the write goes through
-  a uint8 view. Both give the same bytes.
+  upcasts the *whole* array to f32 around an fp8 scatter, so on CPU the write is a small
+  custom call that aliases its output to ``qweight`` (``falqon_jax._native``, built on
+  first use). Without a C++ compiler it falls back to a uint8 view, which costs two
+  full-size byte copies (``via_bits=True`` forces that path). All give the same bytes.
   """
-  if via_bits is None:
-    via_bits = jax.default_backend() == "cpu"
+  new_rows = new_rows.astype(qweight.dtype)
+  if via_bits is None and jax.default_backend() == "cpu":
+    from falqon_jax import _native
+
+    if _native.available():
+      return _native.write_rows(qweight, rows, new_rows)
+    via_bits = True
   if not via_bits:
-    return qweight.at[rows].set(new_rows.astype(qweight.dtype), unique_indices=True)
+    return qweight.at[rows].set(new_rows, unique_indices=True)
   bits = fp8._bitcast(qweight, jnp.uint8)
   bits = bits.at[rows].set(fp8._bitcast(new_rows, jnp.uint8), unique_indices=True)
   return fp8._bitcast(bits, qweight.dtype)

@@ -223,3 +223,12 @@ def test_quality_missing_corpus_skips_cleanly(tmp_path, capsys):
   assert quality.main(["--quick", "--corpus", str(tmp_path / "absent")]) is None
   out = capsys.readouterr().out
   assert "quality benchmark skipped: no corpus at" in out and "--corpus" in out
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-native"]])
+def test_merge_cost_smoke(tmp_path, flags):
+  stdout = _run([os.path.join(BENCH, "merge_cost.py"), "--in_features", "256", "--out", "256",
+                 "--rank", "16", "--k", "16", "--repeats", "2", *flags], tmp_path)
+  assert "bit-identical results: True" in stdout
+  assert ("uint8 view" in stdout) == bool(flags)
+  assert "speedup:" in stdout
