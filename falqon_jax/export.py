@@ -22,8 +22,16 @@ commit 0071b24b, vLLM 0.9/0.10 era; the format dates from vLLM 0.4.2 / AutoFP8):
 * every other tensor (embeddings, norms, LM head, unmelded kernels) untouched, in its
   own dtype or ``dtype=``.
 
-vLLM's fp8 format is per-tensor only, so kernels melded with ``scaling="row"`` are refused,
-and GPT-2 (``Conv1D``, stored transposed) is left to :func:`save_bf16`.
+GPT-2 keeps HF's ``Conv1D`` layout: its melded ``c_attn``/``c_proj``/``c_fc`` weights are
+written ``(in, out)`` like the original checkpoint, because vLLM's ``GPT2LMHeadModel.
+load_weights`` (``vllm/model_executor/models/gpt2.py``, same era) transposes every
+``.weight`` of those modules while loading and leaves ``.weight_scale`` alone; the fused
+``c_attn`` loads as one qkv tensor with one scale, which ``QKVParallelLinear`` accepts
+(shard id None) and ``Fp8LinearMethod`` keeps without requantizing. Not yet run through a
+real vLLM here (no GPU machine with vLLM was available): the test checks the bytes and
+reloads them with our loader.
+
+vLLM's fp8 format is per-tensor only, so kernels melded with ``scaling="row"`` are refused.
 
 Example:
   >>> import jax, falqon_jax.hf as fh
@@ -180,6 +188,8 @@ def save_fp8(
 ) -> str:
   """Writes a HF folder in vLLM's ``fp8`` checkpoint format (see the module docstring).
 
+  Works for every supported family; GPT-2's Conv1D weights keep HF's ``(in, out)`` layout.
+
   Args:
     folder: the output folder. An existing model folder is refused unless ``overwrite``.
     model: the transformers Flax model (its config and family name the tensors).
@@ -196,11 +206,6 @@ def save_fp8(
   """
   folder = _check_target(folder, overwrite)
   model_type = model.config.model_type
-  if model_type == "gpt2":
-    raise ValueError(
-        "save_fp8: GPT-2's Conv1D weights are stored (in, out), which vLLM's fp8 loader"
-        " does not take; use falqon_jax.export.save_bf16 for GPT-2"
-    )
   _arch.check_model_type(model_type, "save_fp8")
   tensors, ignored, others = {}, [], []
   for path, leaf in _flat(params):
@@ -212,7 +217,10 @@ def save_fp8(
             f"save_fp8: {'/'.join(path)} uses scaling='row'; vLLM's fp8 format is"
             " per-tensor only: meld with scaling='tensor' or use save_bf16"
         )
-      tensors[name] = np.asarray(leaf.qweight[: leaf.out_features])
+      weight = np.asarray(leaf.qweight[: leaf.out_features])  # (out, in)
+      if _arch.stored_transposed(model_type, path):  # GPT-2 Conv1D: (in, out) on disk
+        weight = np.ascontiguousarray(weight.T)
+      tensors[name] = weight
       inv = np.float32(1.0) / np.asarray(leaf.scale, np.float32)
       tensors[module + ".weight_scale"] = np.asarray(inv, np.float32).reshape(())
       continue

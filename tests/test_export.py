@@ -24,7 +24,15 @@ def _melded(model_type):
   model = fh.build_model(fh.tiny_config(model_type))
   params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(0), (1, 8))
   melded, _ = fh.meld_params(model, params, rank=16)
-  # make the backbone differ from init: random deltas merged by one proxy step
+  # Make the backbone differ from the meld: random deltas merged as a proxy step would.
+  keys = iter(jax.random.split(jax.random.key(1), 64))
+
+  def merged(mk):
+    mk = mk.replace(delta=0.05 * jax.random.normal(next(keys), mk.delta.shape))
+    return falqon_jax.merge_top_k(mk, mk.rank)
+
+  melded = jax.tree.map(lambda x: merged(x) if fl.is_melded(x) else x, melded,
+                        is_leaf=fl.is_melded)
   return model, melded
 
 
@@ -80,11 +88,40 @@ def test_bf16_export_reloads_within_bf16_rounding(llama, tmp_path):
   assert np.abs(got.astype(np.float32) - want).max() < 3e-2 * scale
 
 
+@pytest.fixture(scope="module")
+def gpt2():
+  return _melded("gpt2")
+
+
 @pytest.mark.slow
-def test_gpt2_bf16_export_round_trip(tmp_path):
-  model, params = _melded("gpt2")
-  with pytest.raises(ValueError, match="save_bf16 for GPT-2"):
-    export.save_fp8(str(tmp_path / "g"), model, params)
+def test_gpt2_fp8_export_keeps_conv1d_layout_and_reloads_exactly(gpt2, tmp_path):
+  model, params = gpt2
+  out = export.save_fp8(str(tmp_path / "g8"), model, params)
+  header = st.read_header(os.path.join(out, "model.safetensors"))
+  tensors = dict(st.iter_tensors(os.path.join(out, "model.safetensors")))
+  for module, (n_in, n_out) in {"attn.c_attn": (64, 192), "attn.c_proj": (64, 64),
+                                "mlp.c_fc": (64, 256), "mlp.c_proj": (256, 64)}.items():
+    name = f"transformer.h.0.{module}"
+    # HF's Conv1D layout (in, out), which vLLM's GPT-2 loader transposes to (out, in).
+    assert header[name + ".weight"]["dtype"] == "F8_E4M3"
+    assert header[name + ".weight"]["shape"] == [n_in, n_out]
+    assert header[name + ".weight_scale"]["shape"] == []
+    mk = params["transformer"]["h"]["0"]
+    for part in module.split("."):
+      mk = mk[part]
+    mk = mk["kernel"]
+    w = tensors[name + ".weight"].astype(np.float32) * tensors[name + ".weight_scale"]
+    np.testing.assert_allclose(w.T, mk.backbone(), rtol=1e-6)  # backbone: (out, in)
+  assert header["transformer.h.0.attn.c_attn.bias"]["dtype"] == "F32"
+  loaded = fh.load(out)
+  kernel = loaded.params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+  assert isinstance(kernel, fl.TransposedMeldedKernel) and kernel.rank == 0
+  np.testing.assert_array_equal(_logits(loaded.model, loaded.params), _logits(model, params))
+
+
+@pytest.mark.slow
+def test_gpt2_bf16_export_round_trip(gpt2, tmp_path):
+  model, params = gpt2
   out = export.save_bf16(str(tmp_path / "g"), model, params, dtype=jnp.float32)
   loaded = fh.load(out)
   want = jax.jit(lambda p: model(IDS, params=p).logits)(falqon_jax.unmeld(params))

@@ -46,6 +46,12 @@ def transposed_pattern(model_type: str) -> Optional[str]:
   return None
 
 
+def stored_transposed(model_type: str, path: tuple[str, ...]) -> bool:
+  """Whether the kernel at ``path`` is a GPT-2 ``Conv1D`` one: HF stores it ``(in, out)``."""
+  pattern = transposed_pattern(model_type)
+  return pattern is not None and re.search(pattern, "/".join(path)) is not None
+
+
 def pt_name(path: tuple[str, ...]) -> str:
   """Flax param path -> HF PyTorch tensor name (``model/x/kernel`` -> ``model.x.weight``)."""
   *mods, leaf = path

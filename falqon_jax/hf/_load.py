@@ -235,8 +235,12 @@ def load(
     if key not in scales and key.split(".", 1)[-1] not in scales:
       raise ValueError(f"{fname}: FP8 tensor {key!r} has no {key}_scale; re-export the model")
     ws = scales.get(key, scales.get(key.split(".", 1)[-1]))
+    kernel_type = MeldedKernel
+    if _arch.stored_transposed(model_type, path):  # GPT-2 Conv1D: (in, out) on disk
+      q = np.ascontiguousarray(q.T)
+      kernel_type = _linen.TransposedMeldedKernel
     out_f, in_f = q.shape
-    flat[path] = MeldedKernel(
+    flat[path] = kernel_type(
         qweight=jnp.asarray(q),
         scale=jnp.asarray(_dequant_scale(ws)),
         delta=jnp.zeros((out_f, 0), jnp.float32),
