@@ -62,6 +62,11 @@ from falqon_jax import fp8
 METHODS = ("bf16-lora", "fp8-base-lora", "fp8-all-lora", "qlora-nf4", "falqon")
 """The five methods, in the order the tables print them."""
 
+DIAGNOSTICS = ("lora-fa",)
+"""Not baselines but yardsticks, run on request. ``lora-fa``: FALQON's parameterization
+with no FP8 at all (bf16 ``W``, ``A`` frozen at FALQON's SVD init, only ``B`` trained,
+``W + BA`` exact). Its gain is what FALQON could keep if the FP8 merge lost nothing."""
+
 LLAMA_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
 """Every linear of a Llama decoder layer (the paper puts LoRA on all of them)."""
 
@@ -95,6 +100,17 @@ class LoraKernel:
   b: jax.Array
   scaling: float = _static(1.0)
   trainable = ("a", "b")
+
+
+@_state
+class LoraFaKernel:
+  """lora-fa: frozen ``w`` (in, out) bf16 and ``a`` (in, r) f32; trainable ``b`` (r, out)."""
+
+  w: jax.Array
+  a: jax.Array
+  b: jax.Array
+  scaling: float = _static(1.0)
+  trainable = ("b",)
 
 
 @_state
@@ -133,7 +149,7 @@ class Nf4LoraKernel:
   trainable = ("a", "b")
 
 
-STATE_TYPES = (LoraKernel, Fp8BaseLoraKernel, Fp8AllLoraKernel, Nf4LoraKernel,
+STATE_TYPES = (LoraKernel, LoraFaKernel, Fp8BaseLoraKernel, Fp8AllLoraKernel, Nf4LoraKernel,
                falqon_jax.MeldedKernel)
 
 
@@ -288,7 +304,7 @@ def apply_state(x: jax.Array, state, bias=None) -> jax.Array:
   dt = x.dtype
   if isinstance(state, falqon_jax.MeldedKernel):
     return falqon_jax.melded_dense(x, state, bias)
-  if isinstance(state, LoraKernel):
+  if isinstance(state, (LoraKernel, LoraFaKernel)):
     y = jnp.dot(x2, state.w.astype(dt)) + _lora_branch(x2, state.a, state.b, state.scaling, dt)
   elif isinstance(state, Fp8BaseLoraKernel):
     y = frozen_fp8_matmul(x2, state.qw, state.w_scale)
@@ -409,8 +425,9 @@ class Method:
   falqon: tuple = ()
 
   def __post_init__(self):
-    if self.kind not in METHODS:
-      raise ValueError(f"unknown method kind {self.kind!r}; use one of {', '.join(METHODS)}")
+    if self.kind not in METHODS + DIAGNOSTICS:
+      raise ValueError(f"unknown method kind {self.kind!r}; use one of "
+                       f"{', '.join(METHODS + DIAGNOSTICS)}")
 
   @property
   def options(self) -> dict:
@@ -425,6 +442,11 @@ class Method:
       return falqon_jax.meld_kernel(kernel.astype(jnp.float32), self.rank, init=init,
                                     key=key if init == "random" else None,
                                     scaling=opts.get("scaling", "tensor"))
+    if self.kind == "lora-fa":  # FALQON's A and update unit, in exact arithmetic
+      mk = falqon_jax.meld_kernel(kernel.astype(jnp.float32), self.rank)
+      a = mk.lora_a(jnp.float32).T  # merging delta adds delta @ A (dequantized) to W
+      return LoraFaKernel(kernel.astype(jnp.bfloat16), a,
+                          jnp.zeros((self.rank, out_f), jnp.float32), 1.0)
     a, b = _lora_init(key, in_f, out_f, self.rank)
     scaling = float(self.alpha) / self.rank
     if self.kind == "bf16-lora":
@@ -519,7 +541,7 @@ def make_method(spec: str, rank: int, alpha: float = 16.0) -> Method:
       k, _, v = item.partition("=")
       if k not in ("reset", "rounding", "top_k", "warmup_steps", "scaling", "init") or not v:
         raise ValueError(f"bad falqon option {item!r} in {spec!r}")
-      options[k] = int(v) if k in ("top_k", "warmup_steps") else v
+      options[k] = int(v) if k == "warmup_steps" or (k == "top_k" and v != "all") else v
   return Method(spec.strip(), kind, rank, alpha, tuple(sorted(options.items())))
 
 

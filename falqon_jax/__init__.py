@@ -12,7 +12,7 @@ from falqon_jax import fp8
 from falqon_jax._meld import DEFAULT_EXCLUDE, MeldedLayer, MeldReport, SkippedLeaf, meld, unmeld
 from falqon_jax._melded_dense import dense, melded_dense
 from falqon_jax._melded_kernel import MeldedKernel, meld_kernel
-from falqon_jax._merge import merge_top_k, select_rows
+from falqon_jax._merge import merge_top_k, rounding_residual, select_rows
 from falqon_jax._proxy_update import (
     MeldedUpdate,
     ProxyUpdateState,
@@ -38,6 +38,7 @@ __all__ = [
     "melded_dense",
     "dense",
     "merge_top_k",
+    "rounding_residual",
     "select_rows",
     "proxy_update",
     "apply_updates",

@@ -17,11 +17,11 @@ from jax import lax
 from falqon_jax import fp8
 from falqon_jax._melded_kernel import MeldedKernel
 
-Reset = Literal["all", "merged"]
+Reset = Literal["all", "merged", "residual"]
 Rounding = Literal["nearest", "stochastic"]
 Implementation = Union[str, Sequence[str]]
 
-RESETS = ("all", "merged")
+RESETS = ("all", "merged", "residual")
 ROUNDINGS = ("nearest", "stochastic")
 
 
@@ -110,6 +110,45 @@ def compute_merged_rows(
   return new, new_scale
 
 
+def rounding_residual(
+    mk: MeldedKernel,
+    rows: jax.Array,
+    new_rows: jax.Array,
+    new_scale: jax.Array,
+) -> jax.Array:
+  """The part of ``delta[rows] @ A`` that the new FP8 rows could not hold, in delta units.
+
+  The merge wants ``W[rows] + delta[rows] @ A`` but stores its e4m3 rounding. The error
+  ``e`` (k, in, in value units) is projected back onto A's row space by least squares,
+  ``r = e Aᵀ (A Aᵀ)⁻¹``, so that ``r @ A`` is the closest correction the ΔBuffer can
+  express. Keeping ``r`` as the merged rows' new delta (``reset="residual"``) is error
+  feedback: updates below half an FP8 step accumulate until they land, instead of being
+  rounded away every step. A's rows are frozen, so its Gram matrix is well conditioned as
+  long as A has full rank (SVD init guarantees it; a tiny ridge covers the rest).
+
+  Returns:
+    (k, rank) float32, the new ``delta`` of the merged rows.
+  """
+  out = mk.out_features
+  bits = fp8._bitcast(mk.qweight, jnp.uint8)
+  raw_rows = fp8._bitcast(bits[rows], mk.qweight.dtype).astype(jnp.float32)
+  raw_a = fp8._bitcast(bits[out:], mk.qweight.dtype).astype(jnp.float32)
+  if mk.scaling == "row":
+    old_scale, a_scale = mk.scale[rows][:, None], mk.scale[out:][:, None]
+    new_scale = new_scale[:, None]
+  else:
+    old_scale = a_scale = mk.scale
+  a = raw_a / a_scale
+  hi = lax.Precision.HIGHEST
+  wanted = raw_rows / old_scale + jnp.dot(mk.delta[rows].astype(jnp.float32), a, precision=hi)
+  err = wanted - new_rows.astype(jnp.float32) / new_scale
+  gram = jnp.dot(a, a.T, precision=hi)
+  gram = gram + 1e-6 * jnp.trace(gram) / mk.rank * jnp.eye(mk.rank, dtype=gram.dtype)
+  rhs = jnp.dot(a, err.T, precision=hi)  # (rank, k): A eᵀ
+  factor = jax.scipy.linalg.cho_factor(gram)
+  return jax.scipy.linalg.cho_solve(factor, rhs).T.astype(mk.delta.dtype)
+
+
 def merge_rows(
     mk: MeldedKernel,
     k: int,
@@ -144,7 +183,12 @@ def merge_rows(
     if active is not None:  # a step that merges nothing (a skipped step) resets nothing
       delta = jnp.where(active > 0, delta, mk.delta)
   else:
-    cleared = jnp.zeros((k, mk.rank), mk.delta.dtype)
+    if reset == "residual":
+      new_rows = fp8._bitcast(fp8._bitcast(qweight, jnp.uint8)[rows], qweight.dtype)
+      new_row_scale = scale[rows] if mk.scaling == "row" else scale
+      cleared = rounding_residual(mk, rows, new_rows, new_row_scale)
+    else:
+      cleared = jnp.zeros((k, mk.rank), mk.delta.dtype)
     if active is not None:
       live = (jnp.arange(k) < active)[:, None]
       cleared = jnp.where(live, cleared, mk.delta[rows])
@@ -174,12 +218,14 @@ def merge_top_k(
 
   New raw rows are ``e4m3(clamp(raw[rows] + delta[rows] @ raw_A, ±448))``; every other
   byte of ``qweight`` and the scale stay as they were. Then ``delta`` is reset: all of it
-  with ``reset="all"`` (the reference), only the merged rows with ``reset="merged"``.
+  with ``reset="all"`` (the reference), only the merged rows with ``reset="merged"``, and
+  with ``reset="residual"`` the merged rows keep what the FP8 grid could not hold
+  (:func:`rounding_residual`).
 
   Args:
     mk: the melded kernel.
     k: how many rows to merge (static), ``1 <= k <= out``.
-    reset: ``"all"`` or ``"merged"``.
+    reset: ``"all"``, ``"merged"`` or ``"residual"``.
     rounding: ``"nearest"`` (the reference) or ``"stochastic"`` (needs ``key``).
     key: PRNG key for stochastic rounding.
     implementation: ``"xla"`` (plain jnp, the default), ``"pallas"`` (the in-place row

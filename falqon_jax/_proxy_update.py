@@ -94,10 +94,14 @@ def proxy_update(
     inner: any optax transformation for the deltas, e.g.
       ``optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(schedule))``.
     top_k: rows merged per kernel per step. ``None`` merges ``rank`` rows, which is what
-      the reference code really does (its ``num_topk`` is never used).
+      the reference code really does (its ``num_topk`` is never used); ``"all"`` merges
+      every row of every kernel each step.
     warmup_steps: for this many steps ``k = rank``, then ``k = top_k``.
     reset: ``"all"`` zeroes the whole ΔBuffer after each merge (the reference);
-      ``"merged"`` zeroes only the merged rows, so the rest keep accumulating.
+      ``"merged"`` zeroes only the merged rows, so the rest keep accumulating;
+      ``"residual"`` is ``"merged"`` plus error feedback: a merged row keeps the part of
+      its update that the e4m3 grid could not hold (projected on A's rows, see
+      :func:`falqon_jax.rounding_residual`), so sub-ULP updates land over later steps.
     rounding: ``"nearest"`` (the reference) or ``"stochastic"`` (needs ``key``).
     key: PRNG key for stochastic rounding; each step and kernel folds in its own index,
       so data-parallel replicas with the same state make the same choices.
@@ -125,8 +129,9 @@ def proxy_update(
     1
   """
   check_merge_options(reset, rounding, key)
-  if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-    raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+  if top_k is not None and top_k != "all" and (
+      not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    raise ValueError(f'top_k must be None, "all" or a positive int, got {top_k!r}')
   if not isinstance(warmup_steps, int) or warmup_steps < 0:
     raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
   if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -148,15 +153,16 @@ def proxy_update(
     """Static k for the top-k, and the traced number of rows that really merge."""
     if top_k is None:
       return mk.rank, None
-    if top_k > mk.out_features:
+    k = mk.out_features if top_k == "all" else top_k
+    if k > mk.out_features:
       raise ValueError(
           f"top_k={top_k} exceeds the {mk.out_features} rows of a melded kernel of"
-          f" shape {mk.shape}; use top_k <= {mk.out_features}"
+          f' shape {mk.shape}; use top_k <= {mk.out_features}, or top_k="all"'
       )
     if warmup_steps == 0:
-      return top_k, None
-    k_static = min(max(top_k, mk.rank), mk.out_features)
-    return k_static, jnp.where(count < warmup_steps, mk.rank, top_k)
+      return k, None
+    k_static = min(max(k, mk.rank), mk.out_features)
+    return k_static, jnp.where(count < warmup_steps, mk.rank, k)
 
   def init(params):
     kernels = _melded_kernels(params)

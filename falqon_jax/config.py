@@ -39,7 +39,7 @@ class FinetuneConfig:
   targets: Optional[str] = None  # regex over param paths; None: attention and MLP projections
   init: str = "svd"
   scaling: str = "tensor"
-  top_k: Optional[int] = None  # None: k = rank (the reference)
+  top_k: Optional[int] = None  # None: k = rank (the reference); "all": every row
   topk_warmup_steps: int = 0
   # The CLI defaults to the fixed behaviour: at the reference's lr, its semantics (reset
   # "all", "nearest" rounding) round most updates away. Pass those two to reproduce it.
@@ -85,7 +85,7 @@ CHOICES = {
     "data_format": ("auto", "alpaca", "oasst", "chat"),
     "init": ("svd", "random"),
     "scaling": ("tensor", "row"),
-    "reset": ("all", "merged"),
+    "reset": ("all", "merged", "residual"),
     "rounding": ("nearest", "stochastic"),
     "lr_schedule": ("constant", "cosine", "linear"),
     "dtype": ("bfloat16", "float32"),
@@ -109,7 +109,13 @@ def _nearest(key: str, options: Sequence[str]) -> str:
   return f"; did you mean {close[0]!r}?" if close else ""
 
 
+WORDS = {"top_k": ("all",)}
+"""Non-numeric values that numeric keys also take."""
+
+
 def _coerce(name: str, value, tp):
+  if isinstance(value, str) and value.lower() in WORDS.get(name, ()):
+    return value.lower()
   optional = type(None) in typing.get_args(tp)
   base = _base_type(tp)
   if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):

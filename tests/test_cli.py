@@ -29,6 +29,8 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
   assert (cfg.rank, cfg.lr, cfg.top_k, cfg.pack, cfg.steps) == (32, 0.5, None, False, FinetuneConfig.steps)
   cfg = config_lib.resolve(FinetuneConfig, file_values=config_lib.load_file(str(tmp_path / "run.toml")))
   assert (cfg.rank, cfg.reset) == (8, "all")
+  cfg = config_lib.resolve(FinetuneConfig, flags=["--top_k", "all", "--reset", "residual"])
+  assert (cfg.top_k, cfg.reset) == ("all", "residual")
 
 
 @pytest.mark.parametrize("file_values,flags,msg", [
@@ -36,7 +38,8 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     ({}, ["--lerning_rate", "1"], "unknown option '--lerning_rate'"),
     ({}, ["--lrr", "1"], "did you mean 'lr'"),
     ({"rank": "eight"}, [], "config key 'rank' needs a int"),
-    ({"reset": "some"}, [], r"reset must be one of \('all', 'merged'\)"),
+    ({"reset": "some"}, [], r"reset must be one of \('all', 'merged', 'residual'\)"),
+    ({}, ["--top_k", "most"], "config key 'top_k' needs a int"),
 ])
 def test_config_errors_are_one_line(file_values, flags, msg):
   with pytest.raises(ConfigError, match=msg):

@@ -86,6 +86,57 @@ def test_reset_merged_keeps_unmerged_rows_accumulating(rng):
   np.testing.assert_array_equal(_u8(new.qweight), _u8(falqon_jax.merge_top_k(mk, 8).qweight))
 
 
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_reset_residual_keeps_the_rounding_error_projected_on_a(rng, scaling):
+  mk = _mk(rng, scaling=scaling, delta_std=0.02)
+  new = falqon_jax.merge_top_k(mk, 8, reset="residual")
+  idx = np.asarray(falqon_jax.select_rows(mk.delta, 8))
+  # Same bytes as any other reset: only the delta differs.
+  np.testing.assert_array_equal(_u8(new.qweight), _u8(falqon_jax.merge_top_k(mk, 8).qweight))
+  keep = np.setdiff1d(np.arange(OUT), idx)
+  np.testing.assert_array_equal(np.asarray(new.delta)[keep], np.asarray(mk.delta)[keep])
+  # Float64 oracle: r = e Aᵀ (A Aᵀ)⁻¹ with e = wanted - stored (value units).
+  s_old = np.broadcast_to(np.asarray(mk.scale, np.float64), (OUT + RANK,))
+  s_new = np.broadcast_to(np.asarray(new.scale, np.float64), (OUT + RANK,))
+  raw_old = np.asarray(mk.qweight).astype(np.float64)
+  a = raw_old[OUT:] / s_old[OUT:, None]
+  wanted = raw_old[idx] / s_old[idx, None] + np.asarray(mk.delta, np.float64)[idx] @ a
+  stored = np.asarray(new.qweight).astype(np.float64)[idx] / s_new[idx, None]
+  r = np.linalg.solve(a @ a.T, a @ (wanted - stored).T).T
+  got = np.asarray(new.delta, np.float64)[idx]
+  assert oracle.rel_err(got, r) < 1e-3
+  # What is left after the correction is orthogonal to A's rows: nothing more to carry.
+  left = wanted - stored - got @ a
+  assert np.abs(left @ a.T).max() <= 1e-3 * np.abs((wanted - stored) @ a.T).max()
+
+
+@pytest.mark.parametrize("reset", ["merged", "residual"])
+def test_reset_residual_lets_updates_below_half_an_ulp_land(rng, reset):
+  """200 updates, each a small fraction of an e4m3 step: rounded away unless carried."""
+  mk0 = _mk(rng).replace(delta=jnp.zeros((OUT, RANK), jnp.float32))
+  s = float(mk0.scale)
+  raw0 = np.asarray(mk0.qweight).astype(np.float64)
+  a = raw0[OUT:] / s
+  ulp = np.abs(raw0[:4]).mean() * 2.0**-3 / s  # a typical e4m3 step of these rows
+  step = np.zeros((OUT, RANK))
+  step[:4] = rng.standard_normal((4, RANK))
+  step[:4] *= 0.1 * ulp / np.abs(step[:4] @ a).mean()  # a tenth of a step per element
+  merge = jax.jit(lambda m: falqon_jax.merge_top_k(m, 4, reset=reset))
+  mk = mk0
+  for _ in range(200):
+    mk = merge(mk.replace(delta=mk.delta + jnp.asarray(step, jnp.float32)))
+  effective = (np.asarray(mk.qweight).astype(np.float64)[:4] / s
+               + np.asarray(mk.delta, np.float64)[:4] @ a)
+  applied, wanted = effective - raw0[:4] / s, 200 * step[:4] @ a
+  err = oracle.rel_err(applied, wanted)
+  if reset == "merged":
+    assert err > 0.9  # almost every step rounded away
+  else:
+    # Carried, less what the ΔBuffer cannot express: the part of each one-step flip of
+    # a stored element that is orthogonal to A's rows (here r/in = 1/4 of it is not).
+    assert err < 0.6, err
+
+
 def test_stochastic_rounding_neighbours_unbiased_and_keyed(rng):
   mk = _mk(rng, delta_std=0.01)
   k = 4

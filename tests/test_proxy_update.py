@@ -90,6 +90,40 @@ def test_warmup_merges_rank_rows_then_top_k(rng):
   assert counts == [RANK, RANK, 3, 3]
 
 
+def test_top_k_all_merges_every_row_each_step(rng):
+  params = _params(rng)
+  tx = falqon_jax.proxy_update(optax.sgd(0.5), top_k="all", warmup_steps=1)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: _step(tx, p, s, g))
+  counts = []
+  for _ in range(3):
+    g = _grads(params, rng.standard_normal((OUT, RANK)))
+    new, state = step(params, state, g)
+    counts.append(len(_changed_rows(new["layer"]["kernel"], params["layer"]["kernel"])))
+    params = new
+  assert counts == [RANK, OUT, OUT]  # warmup: rank rows; then all of them
+
+
+def test_reset_residual_carries_rounding_error_through_the_optimizer(rng):
+  """One SGD step with updates below half an e4m3 step: rounded away unless carried."""
+  params = _params(rng)
+  g = rng.standard_normal((OUT, RANK)).astype(np.float32) * 1e-5
+  new = {}
+  for reset in ("merged", "residual"):
+    tx = falqon_jax.proxy_update(optax.sgd(1.0), top_k="all", reset=reset)
+    new[reset], _ = _step(tx, params, tx.init(params), _grads(params, g))
+  # Same FP8 bytes; "merged" drops what did not land, "residual" keeps it as delta.
+  np.testing.assert_array_equal(np.asarray(new["merged"]["layer"]["kernel"].qweight).view(np.uint8),
+                                np.asarray(new["residual"]["layer"]["kernel"].qweight).view(np.uint8))
+  assert not np.any(np.asarray(new["merged"]["layer"]["kernel"].delta))
+  kept = np.asarray(new["residual"]["layer"]["kernel"].delta)
+  unchanged = np.setdiff1d(np.arange(OUT), _changed_rows(new["residual"]["layer"]["kernel"],
+                                                          params["layer"]["kernel"]))
+  assert len(unchanged) > OUT // 2  # most rows did not move at all ...
+  # ... so their whole update (-g, exactly representable through A) is carried.
+  np.testing.assert_allclose(kept[unchanged], -g[unchanged], rtol=1e-3, atol=1e-7)
+
+
 def test_non_finite_step_is_skipped_and_counted(rng):
   params = _params(rng)
   tx = falqon_jax.proxy_update(optax.adam(0.05), reset="merged", top_k=4)
@@ -178,7 +212,7 @@ def test_misuse_errors(rng):
     falqon_jax.proxy_update(optax.adam(1e-3), top_k=200).init(params)
   with pytest.raises(ValueError, match="needs key"):
     falqon_jax.proxy_update(optax.adam(1e-3), rounding="stochastic")
-  with pytest.raises(ValueError, match="top_k must be None or a positive int"):
+  with pytest.raises(ValueError, match='top_k must be None, "all" or a positive int'):
     falqon_jax.proxy_update(optax.adam(1e-3), top_k=0)
 
 
