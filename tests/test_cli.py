@@ -179,3 +179,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
   assert summary["stopped_early"] and 4 <= summary["steps"] < 100000
   assert str(summary["steps"]) in os.listdir(ckpts)  # the stop step was saved
   assert "interrupted: saving a checkpoint" in output
+
+
+def test_lr_default_depends_on_the_task():
+  from falqon_jax import finetune
+
+  builtin = finetune.resolve_defaults(FinetuneConfig())
+  assert (builtin.lr, builtin.top_k, builtin.reset) == (finetune.BUILTIN_LR, "all", "merged")
+  own = finetune.resolve_defaults(FinetuneConfig(model="m", data="d.json"))
+  assert own.lr == finetune.DEFAULT_LR
+  assert finetune.resolve_defaults(FinetuneConfig(lr=0.5)).lr == 0.5  # given: kept
