@@ -309,16 +309,18 @@ def run(config: FinetuneConfig) -> dict:
                if eval_ex else (lambda params: {}))
   metrics_path = os.path.join(run_dir, "metrics.jsonl")
   history, tokens_seen, started = [], 0, time.perf_counter()
+  tensorboard = _Tensorboard(os.path.join(run_dir, "tb"))
   first_eval = evaluator(host_state(state).params) if start_step == 0 else None
   if first_eval:
     _log(f"before fine-tuning: {_fmt(first_eval)}")
     _append(metrics_path, {"step": 0, **first_eval})
+    tensorboard.add({"step": 0, **first_eval})
 
   progress = _progress(config, start_step)
   last_time, stopped_early = time.perf_counter(), False
   interval_steps = interval_tokens = 0  # since the last log row: for honest rates
   step = start_step
-  with _Interrupt() as interrupt:
+  with _Interrupt() as interrupt, contextlib.closing(tensorboard):
     while step < config.steps and not interrupt.requested:
       batch = next(batches)
       batch_tokens = int(batch["loss_mask"][:, 1:].sum()) * jax.process_count()  # host-side
@@ -343,6 +345,7 @@ def run(config: FinetuneConfig) -> dict:
             _log(f"step {step}: {_fmt(row)}")
         history.append(row)
         _append(metrics_path, row)
+        tensorboard.add(row)
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                              skipped=row["skipped"])
@@ -368,7 +371,6 @@ def run(config: FinetuneConfig) -> dict:
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     _plot(history, first_eval, os.path.join(run_dir, "plot.png"))
-    _tensorboard(history, os.path.join(run_dir, "tb"))
   _log(f"after {step} steps: {_fmt(final)}; run folder {run_dir}")
   return summary
 
@@ -428,15 +430,30 @@ def _plot(history: list, before: Optional[dict], path: str) -> None:
   plt.close(fig)
 
 
-def _tensorboard(history: list, folder: str) -> None:
-  """TensorBoard event files, when tensorboardX is installed (it is optional)."""
-  try:
-    from tensorboardX import SummaryWriter
-  except ImportError:
-    return
+class _Tensorboard:
+  """Live TensorBoard scalars under ``tb/``, written as each metrics row is, on process 0,
+  when tensorboardX is installed (the ``[cli]`` extra brings it; without it, a no-op)."""
 
-  with contextlib.closing(SummaryWriter(folder)) as writer:
-    for row in history:
-      for key, value in row.items():
-        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-          writer.add_scalar(key, value, row["step"])
+  def __init__(self, folder: str):
+    self.writer = None
+    if jax.process_index() != 0:
+      return
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:
+      return
+    self.writer = SummaryWriter(folder)
+
+  def add(self, row: dict) -> None:
+    if self.writer is None:
+      return
+    for key, value in row.items():
+      if (key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value)):
+        self.writer.add_scalar(key, value, row["step"])
+    self.writer.flush()  # rows are log_every steps apart: a live view costs nothing
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None

@@ -83,6 +83,34 @@ def test_run_folder_holds_metrics_config_summary_plot_checkpoints(run_dir):
   assert cfg.rank == 8 and cfg.steps == 6
 
 
+def _tensorboard_scalars(folder):
+  """{tag: [(step, value)]} read back from tensorboardX's TFRecord event files."""
+  event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+  scalars = {}
+  for name in sorted(os.listdir(folder)):
+    data = (folder / name).read_bytes()
+    pos = 0
+    while pos < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+      length = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(run_dir):
+  pytest.importorskip("tensorboardX")
+  scalars = _tensorboard_scalars(run_dir / "tb")
+  rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [s for s, _ in scalars["loss"]] == [r["step"] for r in rows if "loss" in r]
+  for r in rows:
+    for key in ("loss", "eval_loss", "exact_match", "lr"):
+      if key in r:
+        got = dict(scalars[key])[r["step"]]
+        assert got == pytest.approx(r[key], rel=1e-6), (key, r["step"])
+
+
 def test_existing_run_needs_resume(run_dir, capsys):
   assert cli.main(["finetune", "--output_dir", str(run_dir), *TINY]) == 2
   assert "pass --resume" in capsys.readouterr().err
