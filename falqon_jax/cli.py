@@ -51,8 +51,7 @@ def load_for_inference(folder: str):
   saved = config_lib.load_file(config_path)
   cfg = config_lib.resolve(FinetuneConfig, file_values={**saved, "output_dir": folder})
   model, params, tokenizer, model_id = finetune.load_model(cfg, folder)
-  params, report = fh.meld_params(model, params, cfg.rank, targets=cfg.targets, init=cfg.init,
-                                  scaling=cfg.scaling)
+  params, report = finetune.meld(cfg, model, params)
   tx, _ = finetune._optimizer(cfg)
   template = train.TrainState.create(params, tx)
   checkpoints = ckpt_lib.Checkpointer(
