@@ -45,8 +45,9 @@ import numpy as np  # noqa: E402
 
 import methods as M  # noqa: E402
 
+# The reference and the CLI's default (every row merged each step: its cost is the question).
 DEFAULT_METHODS = ("bf16-lora,fp8-base-lora,fp8-all-lora,qlora-nf4,falqon,"
-                   "falqon[reset=merged,rounding=stochastic]")
+                   "falqon[init=random,reset=merged,rounding=stochastic,top_k=all]")
 SHAPES = {  # hidden, intermediate, layers, heads
     "7b": (4096, 11008, 32, 32),
     "13b": (5120, 13824, 40, 40),
