@@ -103,13 +103,9 @@ class LoraKernel:
 
 
 @_state
-class LoraFaKernel:
-  """lora-fa: frozen ``w`` (in, out) bf16 and ``a`` (in, r) f32; trainable ``b`` (r, out)."""
+class LoraFaKernel(LoraKernel):
+  """lora-fa: a :class:`LoraKernel` whose ``a`` is frozen too; only ``b`` trains."""
 
-  w: jax.Array
-  a: jax.Array
-  b: jax.Array
-  scaling: float = _static(1.0)
   trainable = ("b",)
 
 
@@ -304,7 +300,7 @@ def apply_state(x: jax.Array, state, bias=None) -> jax.Array:
   dt = x.dtype
   if isinstance(state, falqon_jax.MeldedKernel):
     return falqon_jax.melded_dense(x, state, bias)
-  if isinstance(state, (LoraKernel, LoraFaKernel)):
+  if isinstance(state, LoraKernel):  # lora-fa included
     y = jnp.dot(x2, state.w.astype(dt)) + _lora_branch(x2, state.a, state.b, state.scaling, dt)
   elif isinstance(state, Fp8BaseLoraKernel):
     y = frozen_fp8_matmul(x2, state.qw, state.w_scale)

@@ -178,14 +178,15 @@ def merge_rows(
         scaling=mk.scaling, rounding=rounding, key=key, active=active,
         implementation=implementation,
     )
+    if reset == "residual":  # the kernel wrote in place: read its k rows back
+      new_rows = fp8._bitcast(fp8._bitcast(qweight, jnp.uint8)[rows], qweight.dtype)
+      new_row_scale = scale[rows] if mk.scaling == "row" else scale
   if reset == "all":
     delta = jnp.zeros_like(mk.delta)
     if active is not None:  # a step that merges nothing (a skipped step) resets nothing
       delta = jnp.where(active > 0, delta, mk.delta)
   else:
     if reset == "residual":
-      new_rows = fp8._bitcast(fp8._bitcast(qweight, jnp.uint8)[rows], qweight.dtype)
-      new_row_scale = scale[rows] if mk.scaling == "row" else scale
       cleared = rounding_residual(mk, rows, new_rows, new_row_scale)
     else:
       cleared = jnp.zeros((k, mk.rank), mk.delta.dtype)

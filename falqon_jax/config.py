@@ -15,7 +15,7 @@ import difflib
 import os
 import tomllib
 import typing
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
@@ -43,7 +43,7 @@ class FinetuneConfig:
   # gain on real text (benchmarks/RESULTS.md: 98.7% vs the reference's 77.7%): a random A,
   # every row merged each step, unmerged updates kept, stochastic rounding. `--init svd
   # --top_k none --reset all --rounding nearest` reproduces the reference (k = rank).
-  top_k: Optional[int] = "all"  # None: k = rank (the reference); "all": every row
+  top_k: Optional[Union[int, str]] = "all"  # None: k = rank (the reference); "all": every row
   topk_warmup_steps: int = 0
   reset: str = "merged"
   rounding: str = "stochastic"
@@ -51,7 +51,7 @@ class FinetuneConfig:
   steps: int = 300
   batch_size: int = 32
   grad_accum: int = 1
-  lr: Optional[float] = None  # None: 1e-2 on the built-in task, else 2e-3 (the reference's)
+  lr: Optional[float] = None  # None: 1e-2 for the built-in model and task, else 2e-3
   lr_schedule: str = "constant"  # constant | cosine | linear
   warmup_steps: int = 0
   weight_decay: float = 0.0

@@ -164,6 +164,14 @@ def _checkpoint_leaves(folder, step):
   return [raw(x) for x in jax.tree_util.tree_leaves(restored.state)]
 
 
+def _wait_for_checkpoint(proc, folder, step, *, poll, timeout=300):
+  """Polls until ``folder`` holds checkpoint ``step``; fails if ``proc`` exits first."""
+  deadline = time.time() + timeout
+  while not (os.path.isdir(folder) and str(step) in os.listdir(folder)):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(poll)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model_dir):
   base = _subprocess_run(tiny_model_dir, "--save_every", "4", "--keep_checkpoints", "10",
@@ -175,10 +183,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model_dir):
   proc = subprocess.Popen(base + ["--output_dir", killed], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = os.path.join(killed, "checkpoints")
-  deadline = time.time() + 300
-  while not (os.path.isdir(ckpts) and "8" in os.listdir(ckpts)):
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.01)
+  _wait_for_checkpoint(proc, ckpts, 8, poll=0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   done = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
@@ -196,10 +201,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   ckpts = os.path.join(out, "checkpoints")
-  deadline = time.time() + 300
-  while not (os.path.isdir(ckpts) and "4" in os.listdir(ckpts)):
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
+  _wait_for_checkpoint(proc, ckpts, 4, poll=0.05)
   proc.send_signal(signal.SIGINT)
   output, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, output[-2000:]

@@ -76,32 +76,22 @@ def test_reference_default_merges_rank_rows_and_resets_all(rng):
   assert float(new["layer"]["kernel"].scale) == float(params["layer"]["kernel"].scale)
 
 
-def test_warmup_merges_rank_rows_then_top_k(rng):
+@pytest.mark.parametrize("top_k, warmup, counts", [
+    (3, 2, [RANK, RANK, 3, 3]),  # warmup merges rank rows, then top_k
+    ("all", 1, [RANK, OUT, OUT, OUT]),  # then every row
+])
+def test_rows_merged_per_step_follow_warmup_then_top_k(rng, top_k, warmup, counts):
   params = _params(rng)
-  tx = falqon_jax.proxy_update(optax.sgd(0.5), top_k=3, warmup_steps=2)
+  tx = falqon_jax.proxy_update(optax.sgd(0.5), top_k=top_k, warmup_steps=warmup)
   state = tx.init(params)
   step = jax.jit(lambda p, s, g: _step(tx, p, s, g))
-  counts = []
-  for _ in range(4):
+  got = []
+  for _ in range(len(counts)):
     g = _grads(params, rng.standard_normal((OUT, RANK)))
     new, state = step(params, state, g)
-    counts.append(len(_changed_rows(new["layer"]["kernel"], params["layer"]["kernel"])))
+    got.append(len(_changed_rows(new["layer"]["kernel"], params["layer"]["kernel"])))
     params = new
-  assert counts == [RANK, RANK, 3, 3]
-
-
-def test_top_k_all_merges_every_row_each_step(rng):
-  params = _params(rng)
-  tx = falqon_jax.proxy_update(optax.sgd(0.5), top_k="all", warmup_steps=1)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s, g: _step(tx, p, s, g))
-  counts = []
-  for _ in range(3):
-    g = _grads(params, rng.standard_normal((OUT, RANK)))
-    new, state = step(params, state, g)
-    counts.append(len(_changed_rows(new["layer"]["kernel"], params["layer"]["kernel"])))
-    params = new
-  assert counts == [RANK, OUT, OUT]  # warmup: rank rows; then all of them
+  assert got == counts
 
 
 def test_reset_residual_carries_rounding_error_through_the_optimizer(rng):
