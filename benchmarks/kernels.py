@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -148,12 +149,29 @@ def main(argv=None):
   print(header)
   print("|" + "---|" * 8)
 
-  def record(op, shape, variant, impl, t, nbytes, bad):
+  def save():
+    if args.json:  # after every row, atomically: a run cut short keeps what it measured
+      tmp = f"{args.json}.tmp"
+      with open(tmp, "w") as fh:
+        json.dump(dict(device=dev.device_kind, backend=jax.default_backend(),
+                       jax=jax.__version__, copy_gbps=bw / 1e9, rows=rows), fh, indent=1)
+      os.replace(tmp, args.json)
+
+  def record(op, shape, variant, impl, bench, *bench_args):
+    try:
+      t, nbytes, bad = bench(*bench_args)
+    except Exception as e:  # one kernel failing to compile must not hide the others
+      msg = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+      rows.append(dict(op=op, shape=shape, variant=variant, impl=impl, error=msg))
+      print(f"| {op} | {shape} | {variant} | {impl} | FAILED: {msg} | | | |", flush=True)
+      save()
+      return
     r = dict(op=op, shape=shape, variant=variant, impl=impl, us=t * 1e6,
              gbps=nbytes / t / 1e9, of_copy=nbytes / t / bw, mismatches=bad)
     rows.append(r)
     print(f"| {op} | {shape} | {variant} | {impl} | {r['us']:.1f} | {r['gbps']:.2f} |"
           f" {r['of_copy']:.0%} | {bad} |", flush=True)
+    save()
 
   for m, n in SMOKE_QUANTIZE if smoke else QUANTIZE_SIZES:
     for fmt, axis, known in (("e4m3", None, False), ("e4m3", -1, False),
@@ -161,18 +179,15 @@ def main(argv=None):
       variant = f"{fmt} {'per-row' if axis else 'per-tensor'}{' known amax' if known else ''}"
       for impl in ("xla", "pallas"):
         record("quantize", f"{m}x{n} bf16", variant, impl,
-               *bench_quantize(m, n, fmt, axis, known, impl, args))
+               bench_quantize, m, n, fmt, axis, known, impl, args)
   for out, n in SMOKE_MERGE if smoke else MERGE_SIZES:
     rank, ks = (SMOKE_RANK, SMOKE_KS) if smoke else (MERGE_RANK, MERGE_KS)
     for k in ks:
       for rounding in ("nearest", "stochastic"):
         for impl in ("xla", "pallas"):
           record("merge", f"{out}x{n} r{rank}", f"k={k} {rounding}", impl,
-                 *bench_merge(out, n, rank, k, impl, args, rounding))
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(dict(device=dev.device_kind, backend=jax.default_backend(),
-                     jax=jax.__version__, copy_gbps=bw / 1e9, rows=rows), fh, indent=1)
+                 bench_merge, out, n, rank, k, impl, args, rounding)
+  save()
   return rows
 
 

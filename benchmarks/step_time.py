@@ -354,13 +354,14 @@ def print_layer_table(rows, peaks):
   print(f"\nLayer scope: one linear, forward + backward, N tokens. Peaks measured here:"
         f" bf16 {peaks['bf16_tflops']:.3g} TFLOP/s, fp8 {peaks['fp8_tflops']:.3g} TFLOP/s"
         f" ({peaks['gemm_n']}^3 TN), copy {peaks['copy_gbps']:.0f} GB/s")
-  head = (f"{'shape':>12} {'method':<42} {'ms':>9} {'vs bf16':>7} {'TFLOP/s':>8}"
+  w = max([len(r["method"]) for r in rows] + [12])
+  head = (f"{'shape':>12} {'method':<{w}} {'ms':>9} {'vs bf16':>7} {'TFLOP/s':>8}"
           f" {'%peak':>6} {'outside':>7} {'floor ms':>9} {'MiB':>8} {'fp8 GEMMs':>9}")
   print(head)
   base = {r["shape"]: r["ms"] for r in rows if r["kind"] == "bf16-lora"}
   for r in rows:
     ratio = base.get(r["shape"], float("nan")) / r["ms"]
-    print(f"{r['shape']:>12} {r['method']:<42} {r['ms']:9.3f} {ratio:6.2f}x"
+    print(f"{r['shape']:>12} {r['method']:<{w}} {r['ms']:9.3f} {ratio:6.2f}x"
           f" {r['tflops']:8.2f} {100 * r['tflops'] / r['peak_tflops']:5.0f}%"
           f" {100 * r['outside']:6.0f}% {r['floor_ms']:9.3f} {fmt(r['compiled_mib'], '8.1f')}"
           f" {fp8_label(r):>9}")
@@ -376,26 +377,27 @@ def fp8_label(r):
 
 def print_model_table(rows, extrapolated):
   print("\nModel scope: one optimizer step (remat per layer, all linears adapted)")
-  print(f"{'shape':>6} {'L':>3} {'method':<42} {'ms':>9} {'vs bf16':>7} {'tok/s':>9}"
+  w = max([len(r["method"]) for r in rows] + [12])
+  print(f"{'shape':>6} {'L':>3} {'method':<{w}} {'ms':>9} {'vs bf16':>7} {'tok/s':>9}"
         f" {'floor ms':>9} {'fused':>8} {'comp MiB':>9} {'peak MiB':>9} {'mem/bf16':>8}"
         f" {'trainable':>11} {'fp8 GEMMs':>9}")
   base = {(r["shape"], r["layers"]): r for r in rows
           if r.get("kind") == "bf16-lora" and "error" not in r}
   for r in rows:
     if "error" in r:
-      print(f"{r['shape']:>6} {r['layers']:>3} {r['method']:<42} FAILED: {r['error']}")
+      print(f"{r['shape']:>6} {r['layers']:>3} {r['method']:<{w}} FAILED: {r['error']}")
       continue
     b = base.get((r["shape"], r["layers"]))
     ratio = b["ms"] / r["ms"] if b else float("nan")
     mem = r["device_peak_mib"] or r["compiled_mib"]
     bmem = b and (b["device_peak_mib"] or b["compiled_mib"])
     mem_ratio = fmt(mem / bmem if mem and bmem else None, "7.2f") + "x"
-    print(f"{r['shape']:>6} {r['layers']:>3} {r['method']:<42} {r['ms']:9.1f} {ratio:6.2f}x"
+    print(f"{r['shape']:>6} {r['layers']:>3} {r['method']:<{w}} {r['ms']:9.1f} {ratio:6.2f}x"
           f" {r['tokens_per_s']:9.0f} {r['floor_ms']:9.1f} {r['floor_fused_ms']:8.1f}"
           f" {fmt(r['compiled_mib'], '9.0f')} {fmt(r['device_peak_mib'], '9.0f')}"
           f" {mem_ratio:>8} {r['trainable']:11,d} {fp8_label(r):>9}")
   for e in extrapolated:
-    print(f"  extrapolated {e['shape']} to {e['full_layers']} layers: {e['method']:<40}"
+    print(f"  extrapolated {e['shape']} to {e['full_layers']} layers: {e['method']:<{w}}"
           f" {e['per_layer_ms']:.2f} ms/layer, {e['full_ms']:.0f} ms/step"
           f" ({e['vs_bf16']:.2f}x vs bf16-lora)")
 
@@ -511,6 +513,7 @@ def main(argv=None):
         method = M.make_method(spec, rank)
         result["layer"].append(layer_case(method, n, din, dout, steps, warmup, peaks, cache,
                                            M.FAST_COMPILE if smoke else None))
+        save_json(result, args.json)
     print_layer_table(result["layer"], peaks)
 
   if args.scope in ("model", "all"):
@@ -525,6 +528,7 @@ def main(argv=None):
                       fast_compile=smoke)
           row = run_isolated(task) if isolate else model_case(**task)
           result["model"].append(row)
+          save_json(result, args.json)
           print(f"  done: {shape} L={layers} {spec}: "
                 + (row.get("error") or f"{row['ms']:.1f} ms"), flush=True)
     result["extrapolated"] = extrapolate(result["model"])
@@ -535,11 +539,21 @@ def main(argv=None):
       for line in result["targets"]:
         print("  " + line)
 
+  save_json(result, args.json)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
     print(f"\nwrote {args.json}")
   return result
+
+
+def save_json(result, path):
+  """Writes ``result`` to ``path`` atomically (also after every row: a run cut short
+  keeps what it measured, and never leaves a half-written file)."""
+  if not path:
+    return
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, path)
 
 
 def _split_specs(text):

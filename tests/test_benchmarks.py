@@ -232,3 +232,24 @@ def test_merge_cost_smoke(tmp_path, flags):
   assert "bit-identical results: True" in stdout
   assert ("uint8 view" in stdout) == bool(flags)
   assert "speedup:" in stdout
+
+
+def test_kernels_smoke(tmp_path):
+  out = tmp_path / "k.json"
+  stdout = _run([os.path.join(BENCH, "kernels.py"), "--smoke", "--json", str(out)], tmp_path)
+  assert "device-to-device copy" in stdout
+  rows = json.loads(out.read_text())["rows"]
+  # 4 quantize variants and 2 merge roundings, each in both implementations.
+  assert len(rows) == 2 * (4 + 2)
+  assert {r["impl"] for r in rows} == {"xla", "pallas"}
+  for r in rows:
+    assert "error" not in r and r["mismatches"] == 0 and r["us"] > 0, r
+
+
+def test_gpu_session_script_refuses_unknown_stages(tmp_path):
+  script = os.path.join(BENCH, "gpu_session.sh")
+  proc = subprocess.run(["bash", script, "warp"], capture_output=True, text=True,
+                        env=dict(os.environ, OUT=str(tmp_path)))
+  assert proc.returncode == 2 and "unknown stage 'warp'" in proc.stdout
+  proc = subprocess.run(["bash", script], capture_output=True, text=True)
+  assert proc.returncode == 2 and "Stages" in proc.stdout

@@ -226,9 +226,13 @@ def test_remat_saves_only_ax_and_scales():
   g0 = jax.jit(jax.grad(loss))(params, x)
   g1 = jax.jit(jax.grad(lambda p, x: loss(p, x, remat=True)))(params, x)
   g2 = jax.jit(jax.grad(jax.checkpoint(loss)))(params, x)
+  # Same math; XLA may fuse (and so sum) the recomputed program in another f32 order
+  # (jax 0.11.2 does), hence f32-rounding tolerances rather than equal bits.
   for a, b, c in zip(*map(jax.tree_util.tree_leaves, (g0, g1, g2))):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
+    a = np.asarray(a, np.float32)
+    tol = dict(rtol=1e-4, atol=1e-6 * float(np.abs(a).max()))
+    np.testing.assert_allclose(np.asarray(b, np.float32), a, **tol)
+    np.testing.assert_allclose(np.asarray(c, np.float32), a, **tol)
   remat_saved = [s for s, why in _residuals(jax.checkpoint(loss), params, x)
                  if "argument" not in why and "literal" not in why]
   assert remat_saved == [], remat_saved

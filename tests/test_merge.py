@@ -207,8 +207,10 @@ def test_merge_touches_only_k_rows_and_updates_in_place_when_donated(rng):
   text = compiled.as_text()
   # No full-size f32 copy of the weight (the reference's upcast of everything).
   assert not re.search(r"f32\[1088,512\]", text)
-  # No full-size copy of the weight in any dtype (a byte view included).
-  assert not re.search(r"(u8|f8e4m3fn)\[1088,512\]\S* (copy|fusion)", text)
+  if jax.default_backend() == "cpu":
+    # No full-size copy in any dtype (a byte view included). On a GPU the in-place
+    # scatter is itself a fusion of that shape, so there the memory figures decide.
+    assert not re.search(r"(u8|f8e4m3fn)\[1088,512\]\S* (copy|fusion)", text)
   mem = compiled.memory_analysis()
   nbytes = mk.qweight.size
   assert mem.alias_size_in_bytes >= nbytes  # the output reuses the donated buffer

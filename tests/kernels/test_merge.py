@@ -116,6 +116,8 @@ def test_xla_default_and_fallback(rng):
   got = kernels.merge_rows(qweight, scale, delta, rows, out_features=OUT, scaling="row",
                            implementation=("pallas", "xla"), interpret=False)
   _assert_same(got, want)
+  if jax.default_backend() != "cpu":
+    return  # compiled Pallas runs there: nothing falls through
   with pytest.raises(kernels.KernelUnavailableError, match="merge_rows"):
     kernels.merge_rows(qweight, scale, delta, rows, out_features=OUT,
                        implementation=["pallas", "pallas"], interpret=False, scaling="row")

@@ -89,8 +89,8 @@ def test_pallas_under_jit(rng):
   _assert_same(f(x), kq.quantize_reference(x, "e4m3"))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU default")
 def test_interpret_defaults_to_cpu(rng):
-  assert jax.default_backend() == "cpu"
   x = _input(rng, jnp.float32, (8, 16))
   _assert_same(kernels.quantize(x, implementation="pallas"), kq.quantize_reference(x))
 
@@ -100,6 +100,8 @@ def test_fallback_to_xla_when_pallas_cannot_compile(rng):
   # interpret=False on CPU: Pallas refuses to lower, so the sequence falls through.
   got = kernels.quantize(x, implementation=("pallas", "xla"), interpret=False)
   _assert_same(got, kq.quantize_reference(x))
+  if jax.default_backend() != "cpu":
+    return  # compiled Pallas runs there: nothing falls through
   with pytest.raises(kernels.KernelUnavailableError, match="pallas: .*interpret"):
     kernels.quantize(x, implementation=("pallas", "pallas"), interpret=False)
 
