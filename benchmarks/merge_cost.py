@@ -26,7 +26,7 @@ from jax import lax
 import falqon_jax
 from falqon_jax import fp8
 from falqon_jax._melded_kernel import MeldedKernel
-from falqon_jax._merge import compute_merged_rows, select_rows, write_rows
+from falqon_jax._merge import MERGE_PRECISION, compute_merged_rows, select_rows, write_rows
 
 
 def full_matrix_rewrite(mk: MeldedKernel, k: int) -> MeldedKernel:
@@ -35,7 +35,7 @@ def full_matrix_rewrite(mk: MeldedKernel, k: int) -> MeldedKernel:
   w = mk.qweight.astype(jnp.float32)
   rows = select_rows(mk.delta, k)
   backbone = w[:out].at[rows].add(
-      jnp.dot(mk.delta[rows], w[out:], precision=lax.Precision.HIGHEST))
+      jnp.dot(mk.delta[rows], w[out:], precision=MERGE_PRECISION))
   stacked = jnp.concatenate([backbone, w[out:]], 0)
   qweight = jnp.clip(stacked, -fp8.E4M3.max, fp8.E4M3.max).astype(fp8.E4M3.dtype)
   return mk.replace(qweight=qweight, delta=jnp.zeros_like(mk.delta))

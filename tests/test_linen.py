@@ -206,6 +206,27 @@ def _residuals(fn, *args):
   return [(tuple(a.shape), why) for a, why in saved_residuals(fn, *args)]
 
 
+def test_projections_sharing_an_input_quantize_it_once():
+  """q/k/v (and gate/up) read the same x: XLA's CSE leaves one amax pass and one FP8
+  cast for them, the "quantize once" of a fused kernel, with no code for it here."""
+  import re
+
+  model = fh.build_model(fh.tiny_config("llama"))
+  params = model.init_weights(jax.random.key(0), (1, 8))
+  melded, report = fh.meld_params(model, params, rank=RANK)
+  layers = model.config.num_hidden_layers
+  assert len(report.melded) == 7 * layers
+
+  def forward(p, ids):
+    with fl.melded():
+      return model(ids, params=p).logits
+
+  text = jax.jit(forward).lower(melded, _batch()).compile().as_text()
+  # One per-tensor amax (a reduce to an f32 scalar) per distinct input: the attention
+  # input, o_proj's, the MLP input and down_proj's. Seven would mean no sharing.
+  assert len(re.findall(r"= f32\[\] reduce\(", text)) == 4 * layers
+
+
 @pytest.mark.slow
 def test_remat_saves_only_ax_and_scales():
   x = jax.random.normal(jax.random.key(1), (32, 64))

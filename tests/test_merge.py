@@ -32,7 +32,7 @@ def test_merge_is_bit_exact_against_the_full_matrix_reference(rng, k):
   mk = _mk(rng)
   new = falqon_jax.merge_top_k(mk, k)
   want, idx = oracle.merge_full_matrix(mk.qweight, mk.delta, k, OUT)
-  np.testing.assert_array_equal(_u8(new.qweight), _u8(want))
+  oracle.assert_merged_fp8_equal(new.qweight, want)
   np.testing.assert_array_equal(np.sort(np.asarray(falqon_jax.select_rows(mk.delta, k))),
                                 np.sort(idx))
   # Everything else untouched: other rows, the A rows, the scale; delta reset in full.
@@ -48,11 +48,15 @@ def test_dequantized_equivalence_within_half_ulp(rng):
   idx = np.asarray(falqon_jax.select_rows(mk.delta, RANK))
   s = float(mk.scale)
   raw_old = np.asarray(mk.qweight).astype(np.float64)
-  want = raw_old[idx] / s + np.asarray(mk.delta, np.float64)[idx] @ (raw_old[OUT:] / s)
+  update = np.asarray(mk.delta, np.float64)[idx] @ (raw_old[OUT:] / s)
+  want = raw_old[idx] / s + update
   got = np.asarray(new.qweight).astype(np.float64)[idx] / s
   assert np.all(np.abs(want) * s < 448)  # away from saturation
-  # Half an e4m3 ULP of the result (relative 2^-4 for normals, 2^-10 absolute below).
+  # Half an e4m3 ULP of the result (relative 2^-4 for normals, 2^-10 absolute below),
+  # plus, off CPU, the merge product's TF32 / bf16x3 error (MERGE_PRECISION).
   bound = np.maximum(np.abs(got) * s * 2.0**-4, 2.0**-10) / s
+  if jax.default_backend() != "cpu":
+    bound = bound + 2.0**-10 * np.abs(update)
   assert np.all(np.abs(got - want) <= bound * (1 + 1e-6))
 
 
@@ -229,7 +233,7 @@ def test_randomized_shapes_match_reference(seed):
   mk = _mk(r, shape=(in_f, out_f, rank))
   k = int(r.integers(1, out_f + 1))
   want, _ = oracle.merge_full_matrix(mk.qweight, mk.delta, k, out_f)
-  np.testing.assert_array_equal(_u8(falqon_jax.merge_top_k(mk, k).qweight), _u8(want))
+  oracle.assert_merged_fp8_equal(falqon_jax.merge_top_k(mk, k).qweight, want)
 
 
 def test_bad_input_errors(rng):

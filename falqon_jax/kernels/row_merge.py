@@ -70,7 +70,7 @@ def _update(qweight, scale, delta, rows, active, out_features, scaling):
   if active is not None:
     live = jnp.arange(rows.shape[0]) < active
     d_rows = jnp.where(live[:, None], d_rows, 0.0)
-  hi = lax.Precision.HIGHEST
+  hi = _merge.MERGE_PRECISION
   if scaling == "row":
     a_values = raw_a / scale[out_features:, None]
     return scale[rows][:, None] * jnp.dot(d_rows, a_values, precision=hi)
