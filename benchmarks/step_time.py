@@ -10,6 +10,10 @@ Two scopes, one table each (and one JSON with ``--json``):
 * model: one optimizer step of a LLaMA-shaped model (random init; HF Flax Llama layers,
   remat per layer), 16 x 528 tokens, rank 64, all seven linears of every layer adapted.
   ``--layers 4,8`` measures two depths and extrapolates per layer to the full depth.
+* state: the persistent training state of the model scope at full depth (parameters,
+  trainable copies and optimizer state), summed from shapes with ``jax.eval_shape``:
+  exact on any device, nothing allocated. Peak memory adds activations, which are
+  about the same for every method.
 
 Every row prints a first-principles floor next to the measurement: GEMM FLOPs at the
 measured peak of their precision plus the bytes the method must move at the measured
@@ -283,7 +287,8 @@ def build_params(method: M.Method, model, cfg, batch, seq, key):
   return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def model_case(spec, shape, layers, batch, seq, rank, steps, warmup, peaks, fast_compile=False):
+def model_setup(spec, shape, layers, seq, rank):
+  """(method, LlamaLM, config) of a model-scope case."""
   hidden, inter, _, heads = SHAPES[shape]
   vocab = 256 if shape == "smoke" else 32000
   method = M.make_method(spec, rank)
@@ -293,7 +298,33 @@ def model_case(spec, shape, layers, batch, seq, rank, steps, warmup, peaks, fast
   cfg = M.llama_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                        num_hidden_layers=layers, num_attention_heads=heads,
                        num_key_value_heads=heads, max_position_embeddings=seq)
-  model = M.LlamaLM(cfg, remat=True)
+  return method, M.LlamaLM(cfg, remat=True), cfg
+
+
+def state_case(spec, shape, seq, rank):
+  """Bytes of the persistent training state at full depth, from shapes alone."""
+  method, model, cfg = model_setup(spec, shape, SHAPES[shape][2], seq, rank)
+  params = jax.eval_shape(
+      lambda: build_params(method, model, cfg, 1, seq, jax.random.key(0)))
+  opt_state = jax.eval_shape(method.optimizer().init, params)
+
+  def nbytes(tree):
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.eval_shape(jax.random.key_data, x)  # a key is its raw uint32 words
+      total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+  return {"method": spec, "kind": method.kind, "shape": shape, "layers": cfg.num_hidden_layers,
+          "params_gib": nbytes(params) / 2**30, "opt_state_gib": nbytes(opt_state) / 2**30,
+          "trainable": M.count_trainable(params)}
+
+
+def model_case(spec, shape, layers, batch, seq, rank, steps, warmup, peaks, fast_compile=False):
+  method, model, cfg = model_setup(spec, shape, layers, seq, rank)
+  hidden, inter, _, _ = SHAPES[shape]
+  vocab = cfg.vocab_size
   params = build_params(method, model, cfg, batch, seq, jax.random.key(0))
   opt = method.optimizer()
   opt_state = opt.init(params)
@@ -402,6 +433,20 @@ def print_model_table(rows, extrapolated):
           f" ({e['vs_bf16']:.2f}x vs bf16-lora)")
 
 
+def print_state_table(rows):
+  print("\nPersistent state at full depth (params + optimizer state, exact from shapes)")
+  w = max([len(r["method"]) for r in rows] + [12])
+  print(f"{'shape':>6} {'L':>3} {'method':<{w}} {'params GiB':>10} {'opt GiB':>8}"
+        f" {'total GiB':>9} {'vs bf16':>7} {'trainable':>13}")
+  base = {r["shape"]: r["params_gib"] + r["opt_state_gib"] for r in rows
+          if r["kind"] == "bf16-lora"}
+  for r in rows:
+    total = r["params_gib"] + r["opt_state_gib"]
+    ratio = fmt(total / base[r["shape"]] if r["shape"] in base else None, "6.2f") + "x"
+    print(f"{r['shape']:>6} {r['layers']:>3} {r['method']:<{w}} {r['params_gib']:10.2f}"
+          f" {r['opt_state_gib']:8.2f} {total:9.2f} {ratio:>7} {r['trainable']:13,d}")
+
+
 def check_targets(rows):
   """Model-scope targets of the issue (GPU only): speedups and peak memory."""
   lines = []
@@ -454,7 +499,7 @@ def extrapolate(rows):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--scope", choices=("layer", "model", "all"), default="all")
+  parser.add_argument("--scope", choices=("layer", "model", "state", "all"), default="all")
   parser.add_argument("--methods", default=DEFAULT_METHODS,
                       help="comma list of method specs (falqon options in brackets)")
   parser.add_argument("--shape", default="7b", help="model shape(s): 7b, 13b, comma list")
@@ -479,7 +524,8 @@ def main(argv=None):
     return None
 
   backend = jax.default_backend()
-  smoke = args.smoke or backend == "cpu"
+  # The state scope only sums shapes: full sizes on any device, unless asked for smoke.
+  smoke = args.smoke or (backend == "cpu" and args.scope != "state")
   specs = [s for s in _split_specs(args.methods)]
   for s in specs:
     M.make_method(s, args.rank)  # fail early on a bad spec
@@ -498,13 +544,20 @@ def main(argv=None):
   device = f"{jax.devices()[0].device_kind} ({backend})"
   size = "SMOKE (tiny sizes)" if smoke else "full sizes"
   print(f"device: {device}, jax {jax.__version__}, {size}")
-  if backend == "cpu":
+  if backend == "cpu" and args.scope != "state":
     print("CPU: FP8 is emulated (converted to f32); these timings say nothing about FP8 speed.")
-  peaks = measure_peaks(smoke, steps)
+  peaks = measure_peaks(smoke, steps) if args.scope != "state" else None
   result = {"device": device, "backend": backend, "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
             "smoke": smoke, "peaks": peaks, "layer": [], "model": [], "extrapolated": [],
-            "targets": []}
+            "state": [], "targets": []}
+
+  if args.scope in ("state", "all"):
+    for shape in shapes:
+      for spec in specs:
+        result["state"].append(state_case(spec, shape, seq, rank))
+    print_state_table(result["state"])
+    save_json(result, args.json)
 
   if args.scope in ("layer", "all"):
     cache = {}

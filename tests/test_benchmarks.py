@@ -184,6 +184,25 @@ def test_step_time_smoke(tmp_path):
   assert all(r["finite_loss"] and r["ms"] > 0 for r in rows.values())
   # FALQON trains only B (out x r): fewer parameters than LoRA's A and B.
   assert rows["falqon"]["trainable"] < rows["bf16-lora"]["trainable"]
+  state = {r["method"]: r for r in result["state"]}
+  assert set(state) == set(FIVE.split(","))
+  assert state["falqon"]["trainable"] == rows["falqon"]["trainable"]
+  total = {m: r["params_gib"] + r["opt_state_gib"] for m, r in state.items()}
+  assert total["falqon"] < total["fp8-base-lora"] < total["bf16-lora"]
+
+
+def test_step_time_state_scope_at_7b_shape_allocates_nothing(tmp_path):
+  out = tmp_path / "state.json"
+  stdout = _run([os.path.join(BENCH, "step_time.py"), "--scope", "state", "--methods",
+                 "bf16-lora,falqon", "--json", str(out)], tmp_path)
+  assert "Persistent state at full depth" in stdout
+  state = {r["method"]: r for r in json.loads(out.read_text())["state"]}
+  # LLaMA-7B at rank 64: B is sum(out) x 64 = 87.0M parameters (LoRA: 159.9M).
+  assert state["falqon"]["trainable"] == 87_031_808
+  assert state["bf16-lora"]["trainable"] == 159_907_840
+  ratio = ((state["falqon"]["params_gib"] + state["falqon"]["opt_state_gib"])
+           / (state["bf16-lora"]["params_gib"] + state["bf16-lora"]["opt_state_gib"]))
+  assert 0.5 < ratio < 0.55
 
 
 def _tiny_corpus(folder):
