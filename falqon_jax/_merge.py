@@ -61,6 +61,13 @@ def write_rows(qweight: jax.Array, rows: jax.Array, new_rows: jax.Array, *, via_
   return fp8._bitcast(bits, qweight.dtype)
 
 
+def merge_counters(rows: jax.Array, cols: int) -> jax.Array:
+  """Each merged element's position ``row * cols + col`` in the weight: its uniform's
+  counter, the same for the XLA merge and the Pallas kernel whatever the row order."""
+  rows = rows.astype(jnp.uint32)[:, None]
+  return rows * jnp.uint32(cols) + lax.broadcasted_iota(jnp.uint32, (1, cols), 1)
+
+
 def compute_merged_rows(
     qweight: jax.Array,
     scale: jax.Array,
@@ -104,7 +111,7 @@ def compute_merged_rows(
     v = raw_rows + jnp.dot(d_rows, raw_a, precision=hi)
     new_scale = scale
   if rounding == "stochastic":
-    new = fp8.quantize_stochastic(v, key, fp8.E4M3)
+    new = fp8.quantize_stochastic(v, key, fp8.E4M3, index=merge_counters(rows, v.shape[1]))
   else:
     new = fp8.quantize(v, 1.0, fp8.E4M3)
   if active is not None:

@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantize_stochastic",
+    "stochastic_seed",
+    "hash_uniform",
 ]
 
 AMAX_EPS = 1e-12
@@ -151,8 +154,37 @@ def dequantize(
   return (raw.astype(jnp.float32) / jnp.asarray(scale, jnp.float32)).astype(dtype)
 
 
+def stochastic_seed(key: jax.Array) -> jax.Array:
+  """The two uint32 words that seed :func:`hash_uniform`, drawn from a PRNG key."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def _mix32(x):
+  # "lowbias32" (C. Wellons): a 32-bit bijection with near-ideal avalanche.
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def hash_uniform(seed0: jax.Array, seed1: jax.Array, index: jax.Array) -> jax.Array:
+  """Counter-based uniforms in [0, 1): float32 with 24 random bits, one per ``index``.
+
+  A keyed hash of each element's uint32 counter, in integer ops only. Unlike
+  ``jax.random.uniform`` it needs no random-bits buffer: it fuses into its consumer on
+  every backend and runs inside Pallas kernels, with the same bits everywhere, so the
+  stochastic merge draws nothing weight-sized. Distinct counters give distinct hashes
+  for one seed (the mixer is a bijection).
+  """
+  x = _mix32(index.astype(jnp.uint32) ^ seed0)
+  x = _mix32(x ^ seed1)
+  return (x >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
 def quantize_stochastic(
-    scaled: jax.Array, key: jax.Array, fmt: FormatLike = E4M3
+    scaled: jax.Array, key: jax.Array, fmt: FormatLike = E4M3, *,
+    index: Optional[jax.Array] = None,
 ) -> jax.Array:
   """Stochastically rounds already-scaled float32 values to FP8, with saturation.
 
@@ -160,6 +192,10 @@ def quantize_stochastic(
   its distance from the lower one over the gap, so the result is unbiased: a small merge
   update survives in expectation instead of always rounding away. Values that are
   exactly representable (including zero) come back unchanged, with no randomness.
+
+  The uniforms are :func:`hash_uniform` of ``index`` (default: each element's flat
+  position) under a seed drawn from ``key``; pass the elements' positions in a larger
+  array as ``index`` to draw the same numbers a kernel working on that array draws.
   """
   fmt = get_format(fmt)
   v = jnp.clip(jnp.asarray(scaled, jnp.float32), -fmt.max, fmt.max)
@@ -175,7 +211,10 @@ def quantize_stochastic(
   hi_val = _bitcast(hi, fmt.dtype).astype(jnp.float32)
   gap = hi_val - lo_val
   p_up = jnp.where(gap > 0, (mag - lo_val) / jnp.where(gap > 0, gap, 1.0), 0.0)
-  u = jax.random.uniform(key, v.shape, jnp.float32)
+  if index is None:
+    index = lax.broadcasted_iota(jnp.uint32, (v.size,), 0).reshape(v.shape)
+  seed = stochastic_seed(key)
+  u = hash_uniform(seed[0], seed[1], jnp.broadcast_to(index, v.shape))
   code = jnp.where(u < p_up, hi, lo)
   sign = jnp.where(jnp.signbit(v), jnp.uint8(0x80), jnp.uint8(0))
   return _bitcast(code | sign, fmt.dtype)

@@ -125,3 +125,22 @@ def test_get_format():
     fp8.get_format("int8")
   with pytest.raises(TypeError, match="floating"):
     fp8.compute_scale(jnp.arange(4))
+
+
+def test_hash_uniform_is_uniform_and_decorrelated():
+  n = 1 << 20
+  index = jnp.arange(n, dtype=jnp.uint32)
+  u = np.asarray(fp8.hash_uniform(jnp.uint32(12345), jnp.uint32(678), index), np.float64)
+  assert u.min() >= 0.0 and u.max() < 1.0
+  assert abs(u.mean() - 0.5) < 5 * np.sqrt(1 / 12 / n)
+  assert abs(u.var() - 1 / 12) < 1e-3
+  counts, _ = np.histogram(u, bins=64, range=(0, 1))
+  chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum()
+  assert chi2 < 63 + 6 * np.sqrt(2 * 63)  # 63 degrees of freedom, 6 sigma
+  # Neighbouring counters, and the same counters under another seed, are uncorrelated.
+  assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 5 / np.sqrt(n)
+  v = np.asarray(fp8.hash_uniform(jnp.uint32(12346), jnp.uint32(678), index), np.float64)
+  assert abs(np.corrcoef(u, v)[0, 1]) < 5 / np.sqrt(n)
+  # Same bits under jit and for any array layout of the same counters.
+  again = jax.jit(fp8.hash_uniform)(jnp.uint32(12345), jnp.uint32(678), index.reshape(1024, -1))
+  np.testing.assert_array_equal(np.asarray(again).ravel(), u.astype(np.float32))

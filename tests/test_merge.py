@@ -225,6 +225,26 @@ def test_merge_touches_only_k_rows_and_updates_in_place_when_donated(rng):
     assert 'custom_call_target="falqon_write_rows"' in text
 
 
+def test_stochastic_merge_of_every_row_costs_what_nearest_costs(rng):
+  """The uniforms are hashed where they are used (fp8.hash_uniform): stochastic rounding
+  adds no random-bits buffer and no traffic to a merge of every row."""
+  mk = _mk(rng, shape=(512, 1024, 64))
+
+  def compiled(rounding):
+    key = jax.random.key(0) if rounding == "stochastic" else None
+    merge = jax.jit(lambda m: falqon_jax.merge_top_k(
+        m, 1024, reset="merged", rounding=rounding, key=key), donate_argnums=0)
+    return merge.lower(mk).compile()
+
+  nearest, stochastic = compiled("nearest"), compiled("stochastic")
+  # A few KiB for the seed; a buffer of random bits would be 2 MiB (512 x 1024 x 4 B).
+  assert (stochastic.memory_analysis().temp_size_in_bytes
+          <= nearest.memory_analysis().temp_size_in_bytes + 64 * 1024)
+  cost = lambda c: (c.cost_analysis()[0] if isinstance(c.cost_analysis(), list)
+                    else c.cost_analysis())["bytes accessed"]
+  assert cost(stochastic) <= 1.05 * cost(nearest)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_randomized_shapes_match_reference(seed):
   r = np.random.default_rng(200 + seed)

@@ -8,8 +8,9 @@
   (on CPU, a (k, r) x (r, 32) block gives different bits from the same columns of a
   (k, r) x (r, in) product), so a blocked in-kernel dot could not match the oracle;
 * the kernel gathers the k raw rows, adds the update, (row scaling) takes each row's amax
-  and shrinks its scale instead of clipping, rounds to nearest or stochastically (with the
-  same uniforms the reference draws from ``key``), and stores the rows into ``qweight``
+  and shrinks its scale instead of clipping, rounds to nearest or stochastically (hashing
+  the reference's counter-based uniforms in registers, ``fp8.hash_uniform``, so nothing
+  random is read from memory), and stores the rows into ``qweight``
   in place through ``input_output_aliases``. No other byte is read or written.
 
 Row selection (top-k of the row L1 norms) stays in XLA: no Pallas GPU backend lowers
@@ -103,7 +104,7 @@ def _round_stochastic(v, u, interpret):
   return lax.bitcast_convert_type(code | sign, FMT.dtype)
 
 
-def _merge_kernel(live_ref, rows_ref, upd_ref, u_ref, rs_ref, q_in_ref, q_ref, ns_ref, *,
+def _merge_kernel(live_ref, rows_ref, upd_ref, seed_ref, rs_ref, q_in_ref, q_ref, ns_ref, *,
                   k, n, bn, stochastic, row_scaling, interpret):
   del q_in_ref  # aliased with q_ref: read and write through the output ref
   i = pl.program_id(0)
@@ -124,8 +125,10 @@ def _merge_kernel(live_ref, rows_ref, upd_ref, u_ref, rs_ref, q_in_ref, q_ref, n
     v, qrows, cols, mask = chunk(c0)
     if shrink is not None:
       v = v * shrink
-    if stochastic:
-      new = _round_stochastic(v, _pallas.load(u_ref.at[sel, cols], mask), interpret)
+    if stochastic:  # the reference's uniforms, hashed here from each element's position
+      counter = qrows.astype(jnp.uint32) * jnp.uint32(n) + cols.astype(jnp.uint32)
+      u = fp8.hash_uniform(seed_ref[0], seed_ref[1], counter)
+      new = _round_stochastic(v, u, interpret)
     else:
       new = jnp.clip(v, -FMT.max, FMT.max).astype(FMT.dtype)
     _pallas.store(q_ref.at[qrows, cols], new, mask & (sel < n_live))
@@ -173,8 +176,8 @@ def merge_pallas(
   row_scaling, stochastic = scaling == "row", rounding == "stochastic"
   rows = rows.astype(jnp.int32)
   upd = _update(qweight, scale, delta, rows, active, out_features, scaling)
-  # The reference's uniforms, drawn for the same (k, in) shape from the same key.
-  u = jax.random.uniform(key, (k, n), jnp.float32) if stochastic else jnp.zeros((1, 1))
+  # The seed of the reference's counter-based uniforms: the kernel hashes its own.
+  seed = fp8.stochastic_seed(key) if stochastic else jnp.zeros((2,), jnp.uint32)
   gk = pl.cdiv(k, kb)
   # Padding rows point past the end: masked on Triton, and dropped (not a duplicate of a
   # real row, which would race with it) by interpret mode's scatter.
@@ -192,7 +195,7 @@ def merge_pallas(
       kernel,
       grid=grid,
       in_specs=[
-          whole(live), pl.BlockSpec((kb,), lambda i, j: (i,)), whole(upd), whole(u),
+          whole(live), pl.BlockSpec((kb,), lambda i, j: (i,)), whole(upd), whole(seed),
           pl.BlockSpec((kb, 1), lambda i, j: (i, 0)), whole(qweight),
       ],
       out_specs=[whole(qweight), pl.BlockSpec((kb, 1), lambda i, j: (i, 0))],
@@ -201,7 +204,7 @@ def merge_pallas(
       input_output_aliases={5: 0},
       interpret=interpret,
       compiler_params=None if interpret else _pallas.compiler_params(num_warps),
-  )(live, rows_p, upd, u, rs, qweight)
+  )(live, rows_p, upd, seed, rs, qweight)
   if row_scaling:
     scale = scale.at[rows].set(new_rs[:k, 0], unique_indices=True)
   return new_q, scale
