@@ -40,7 +40,7 @@ class FinetuneConfig:
   init: str = "random"  # see the comment below; "svd" is the reference's
   scaling: str = "tensor"
   # The CLI defaults go beyond the reference, to the setting that kept the most of LoRA's
-  # gain on real text (benchmarks/RESULTS.md: 98.7% vs the reference's 77.7%): a random A,
+  # gain on real text (benchmarks/RESULTS.md: 96.6% vs the reference's 77.7%): a random A,
   # every row merged each step, unmerged updates kept, stochastic rounding. `--init svd
   # --top_k none --reset all --rounding nearest` reproduces the reference (k = rank).
   top_k: Optional[Union[int, str]] = "all"  # None: k = rank (the reference); "all": every row
