@@ -206,6 +206,8 @@ def _residuals(fn, *args):
   return [(tuple(a.shape), why) for a, why in saved_residuals(fn, *args)]
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="counts reductions in XLA CPU's HLO (GPUs split them in stages)")
 def test_projections_sharing_an_input_quantize_it_once():
   """q/k/v (and gate/up) read the same x: XLA's CSE leaves one amax pass and one FP8
   cast for them, the "quantize once" of a fused kernel, with no code for it here."""

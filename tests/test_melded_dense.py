@@ -140,6 +140,8 @@ def _dots(compiled_text):
   return re.findall(r"= (\w+)\[([\d,]*)\][^=]*? dot\(", compiled_text)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="XLA CPU keeps dots as dots; tests/test_gpu.py counts cuBLASLt calls")
 def test_compiled_hlo_has_one_forward_and_two_backward_fp8_dots(rng):
   _, mk, x = _setup(rng)
   fwd = jax.jit(falqon_jax.melded_dense).lower(x, mk)
