@@ -50,6 +50,14 @@ else
   export PYTHONPATH=$REPO
 fi
 
+# A GPU session must not spend its minutes on a CPU fallback (a missing CUDA plugin, say).
+if [ "${GPU_SESSION_ALLOW_CPU:-0}" != 1 ] && \
+   ! python3 -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev/null; then
+  echo "jax sees no GPU here ($(python3 -c 'import jax; print(jax.devices())' 2>&1 | tail -1));"\
+       "stopping (GPU_SESSION_ALLOW_CPU=1 runs anyway, for a dry run)" | tee "$OUT/summary.txt"
+  exit 1
+fi
+
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "command: bash benchmarks/gpu_session.sh $*"
