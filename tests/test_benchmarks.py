@@ -265,6 +265,20 @@ def test_kernels_smoke(tmp_path):
     assert "error" not in r and r["mismatches"] == 0 and r["us"] > 0, r
 
 
+@pytest.mark.slow
+def test_gpu_session_script_dry_run(tmp_path):
+  """One stage end to end on CPU: env.txt, the step's log and JSON, the summary."""
+  env = dict(os.environ, OUT=str(tmp_path), GPU_SESSION_ALLOW_CPU="1", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0",
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh"), "layer"],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "jax" in (tmp_path / "env.txt").read_text()
+  assert "=== layer: exit 0" in (tmp_path / "summary.txt").read_text()
+  assert len(json.loads((tmp_path / "layer.json").read_text())["layer"]) == 3 * 6
+
+
 def test_gpu_session_script_refuses_unknown_stages(tmp_path):
   script = os.path.join(BENCH, "gpu_session.sh")
   proc = subprocess.run(["bash", script, "warp"], capture_output=True, text=True,
@@ -272,3 +286,37 @@ def test_gpu_session_script_refuses_unknown_stages(tmp_path):
   assert proc.returncode == 2 and "unknown stage 'warp'" in proc.stdout
   proc = subprocess.run(["bash", script], capture_output=True, text=True)
   assert proc.returncode == 2 and "Stages" in proc.stdout
+
+
+def test_step_time_gpu_only_reporting(capsys):
+  """The target check, the per-layer extrapolation and the tables run on a GPU only:
+  check them here on made-up rows."""
+  import step_time as S
+
+  def row(method, kind, layers, ms, peak, error=None):
+    if error:
+      return {"method": method, "shape": "7b", "layers": layers, "error": error}
+    return dict(method=method, kind=kind, shape="7b", layers=layers, n=8448, ms=ms,
+             tokens_per_s=8448 / ms * 1e3, compiled_mib=None, device_peak_mib=peak,
+             trainable=1, fp8_calls=3 if kind in S.FP8_KINDS else 0, finite_loss=True,
+             floor_ms=ms / 2, floor_fused_ms=ms / 2)
+
+  rows = [row("bf16-lora", "bf16-lora", 4, 100.0, 1000.0),
+          row("bf16-lora", "bf16-lora", 8, 180.0, 1800.0),
+          row("falqon", "falqon", 4, 55.0, 500.0), row("falqon", "falqon", 8, 95.0, 1100.0),
+          row("fp8-base-lora", "fp8-base-lora", 4, 60.0, 600.0),
+          row("qlora-nf4", "qlora-nf4", 4, 200.0, 400.0),
+          row("fp8-all-lora", "fp8-all-lora", 8, 0, 0, error="RESOURCE_EXHAUSTED")]
+  lines = S.check_targets(rows)
+  assert "7b L=4 falqon vs bf16-lora: 1.82x (target >= 1.7x) met" in lines
+  assert "7b L=4 falqon vs fp8-base-lora: 1.09x (target >= 1.12x) MISSED" in lines
+  assert "7b L=4 falqon vs qlora-nf4: 3.64x (target >= 3.0x) met" in lines
+  assert "7b L=8 falqon peak memory 0.61x bf16-lora (target <= 0.6x) MISSED" in lines
+  ext = {e["method"]: e for e in S.extrapolate(rows)}
+  assert set(ext) == {"bf16-lora", "falqon"}  # one depth only: nothing to extrapolate
+  assert ext["falqon"]["per_layer_ms"] == pytest.approx(10.0)
+  assert ext["falqon"]["full_ms"] == pytest.approx(95.0 + 10.0 * 24)
+  assert ext["falqon"]["vs_bf16"] == pytest.approx((180 + 20 * 24) / (95 + 10 * 24))
+  S.print_model_table(rows, list(ext.values()))
+  out = capsys.readouterr().out
+  assert "FAILED: RESOURCE_EXHAUSTED" in out and "3 ok" in out and "extrapolated 7b" in out
