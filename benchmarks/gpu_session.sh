@@ -12,10 +12,14 @@
 #   model2  7B shape at 4 and 8 layers: fp8-base-lora, fp8-all-lora, qlora-nf4   ~7
 #   full    7B shape at all 32 layers: bf16-lora and CLI-default falqon          ~9
 #   13b     13B shape at 4 and 8 layers: bf16-lora and CLI-default falqon        ~7
+#   quality benchmarks/quality.py on a 1024-wide, 8-layer Llama (rank 64): bf16-lora,
+#           the reference and the CLI default, each with its lr sweep            ~6
 #
 # First, here (not on the GPU machine): `bash benchmarks/device_wheels.sh` fills .whl/
 # with what the GPU image lacks; then call the device tool with carry=[".whl"], e.g.
 #   command: bash benchmarks/gpu_session.sh check layer
+# The quality stage reads the corpus from $FALQON_CORPUS (default .corpus/, git-ignored):
+# `cp -r ../shared/data/shakespeare .corpus` here and add ".corpus" to carry.
 # Results land in $OUT (the device tool's return folder; default /tmp/falqon_gpu): one
 # log and one JSON per step, and env.txt with the device, driver and versions to quote
 # in benchmarks/RESULTS.md. Each step gets what is left of a 570 s budget per call, so a
@@ -32,13 +36,14 @@ CLI_DEFAULT="falqon[init=random,reset=merged,rounding=stochastic,top_k=all]"
 export PYTHONUNBUFFERED=1
 
 if [ $# -eq 0 ]; then
-  sed -n '2,21p' "$0"
+  sed -n '2,26p' "$0"
   exit 2
 fi
 for stage in "$@"; do
   case $stage in
-    check|layer|model|model2|full|13b) ;;
-    *) echo "unknown stage '$stage'; use check, layer, model, model2, full or 13b"; exit 2;;
+    check|layer|model|model2|full|13b|quality) ;;
+    *) echo "unknown stage '$stage'; use check, layer, model, model2, full, 13b or quality"
+       exit 2;;
   esac
 done
 
@@ -110,6 +115,12 @@ for stage in "$@"; do
     13b)
       step model_13b python3 benchmarks/step_time.py --scope model --shape 13b \
         --layers 4,8 --methods "bf16-lora,$CLI_DEFAULT" --json "$OUT/model_13b.json"
+      ;;
+    quality)
+      step quality python3 benchmarks/quality.py --corpus "${FALQON_CORPUS:-.corpus}" \
+        --hidden 1024 --layers 8 --heads 8 --intermediate 2752 --rank 64 --alpha 64 \
+        --pretrain-steps 1000 --steps 200 --methods "bf16-lora,falqon,$CLI_DEFAULT" \
+        --json "$OUT/quality.json"
       ;;
   esac
 done
