@@ -10,6 +10,8 @@ The reference is torchao v0.8.0 (``float8_utils.amax_to_scale``, ``to_fp8_satura
 * ``quantize(x, scale, fmt)`` saturates: ``cast(clip(f32(x) * scale, -max, max))``. A plain
   cast would turn overflow into NaN (e4m3fn has no infinity).
 * ``dequantize(raw, scale, dtype)`` is ``raw / scale``.
+* ``quantize_stochastic(scaled, key)`` rounds to a neighbouring FP8 value at random,
+  unbiased, with counter-based uniforms (``hash_uniform``) that need no random-bits buffer.
 
 Example:
   >>> import jax.numpy as jnp
