@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,9 @@ import numpy as np
 from jax import lax
 
 from falqon_jax import fp8, kernels
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import save_json  # noqa: E402
 
 QUANTIZE_SIZES = [(8448, 4096), (8448, 11008)]  # 16 x 528 tokens x (hidden, mlp)
 MERGE_SIZES = [(4096, 4096), (11008, 4096)]  # (out, in) of q/k/v/o and gate/up
@@ -149,13 +151,9 @@ def main(argv=None):
   print(header)
   print("|" + "---|" * 8)
 
-  def save():
-    if args.json:  # after every row, atomically: a run cut short keeps what it measured
-      tmp = f"{args.json}.tmp"
-      with open(tmp, "w") as fh:
-        json.dump(dict(device=dev.device_kind, backend=jax.default_backend(),
-                       jax=jax.__version__, copy_gbps=bw / 1e9, rows=rows), fh, indent=1)
-      os.replace(tmp, args.json)
+  def save():  # after every row: a run cut short keeps what it measured
+    save_json(dict(device=dev.device_kind, backend=jax.default_backend(),
+                   jax=jax.__version__, copy_gbps=bw / 1e9, rows=rows), args.json)
 
   def record(op, shape, variant, impl, bench, *bench_args):
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import json
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import methods as M  # noqa: E402
+from results_io import save_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CORPUS = os.path.join(REPO, "..", "shared", "data", "shakespeare")
@@ -255,8 +255,7 @@ def main(argv=None):
             "rows": table, "conclusions": verdict,
             "seconds": time.perf_counter() - t0}
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+    save_json(result, args.json)
     print(f"wrote {args.json}")
   return result
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import methods as M  # noqa: E402
+from results_io import save_json  # noqa: E402
 
 # The reference and the CLI's default (every row merged each step: its cost is the question).
 DEFAULT_METHODS = ("bf16-lora,fp8-base-lora,fp8-all-lora,qlora-nf4,falqon,"
@@ -596,17 +597,6 @@ def main(argv=None):
   if args.json:
     print(f"\nwrote {args.json}")
   return result
-
-
-def save_json(result, path):
-  """Writes ``result`` to ``path`` atomically (also after every row: a run cut short
-  keeps what it measured, and never leaves a half-written file)."""
-  if not path:
-    return
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, path)
 
 
 def _split_specs(text):

@@ -61,11 +61,11 @@ def write_rows(qweight: jax.Array, rows: jax.Array, new_rows: jax.Array, *, via_
   return fp8._bitcast(bits, qweight.dtype)
 
 
-def merge_counters(rows: jax.Array, cols: int) -> jax.Array:
-  """Each merged element's position ``row * cols + col`` in the weight: its uniform's
-  counter, the same for the XLA merge and the Pallas kernel whatever the row order."""
-  rows = rows.astype(jnp.uint32)[:, None]
-  return rows * jnp.uint32(cols) + lax.broadcasted_iota(jnp.uint32, (1, cols), 1)
+def merge_counters(rows: jax.Array, cols: jax.Array, width: int) -> jax.Array:
+  """Each merged element's position ``row * width + col`` in the weight (broadcasting
+  ``rows`` against ``cols``): its stochastic-rounding counter, the same in the XLA merge
+  and in the Pallas kernel whatever the row order."""
+  return rows.astype(jnp.uint32) * jnp.uint32(width) + cols.astype(jnp.uint32)
 
 
 def compute_merged_rows(
@@ -111,7 +111,9 @@ def compute_merged_rows(
     v = raw_rows + jnp.dot(d_rows, raw_a, precision=hi)
     new_scale = scale
   if rounding == "stochastic":
-    new = fp8.quantize_stochastic(v, key, fp8.E4M3, index=merge_counters(rows, v.shape[1]))
+    n = v.shape[1]
+    counters = merge_counters(rows[:, None], lax.broadcasted_iota(jnp.int32, (1, n), 1), n)
+    new = fp8.quantize_stochastic(v, key, fp8.E4M3, index=counters)
   else:
     new = fp8.quantize(v, 1.0, fp8.E4M3)
   if active is not None:

@@ -126,8 +126,7 @@ def _merge_kernel(live_ref, rows_ref, upd_ref, seed_ref, rs_ref, q_in_ref, q_ref
     if shrink is not None:
       v = v * shrink
     if stochastic:  # the reference's uniforms, hashed here from each element's position
-      counter = qrows.astype(jnp.uint32) * jnp.uint32(n) + cols.astype(jnp.uint32)
-      u = fp8.hash_uniform(seed_ref[0], seed_ref[1], counter)
+      u = fp8.hash_uniform(seed_ref[0], seed_ref[1], _merge.merge_counters(qrows, cols, n))
       new = _round_stochastic(v, u, interpret)
     else:
       new = jnp.clip(v, -FMT.max, FMT.max).astype(FMT.dtype)
