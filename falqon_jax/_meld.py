@@ -181,7 +181,7 @@ def meld(
         skipped.append(SkippedLeaf(path, shape, reason))
         new_leaves.append(leaf)
         continue
-    check_rank(rank, shape[0], shape[1], f"kernel {path!r}")
+    rank = check_rank(rank, shape[0], shape[1], f"kernel {path!r}")  # a Python int
     layer_key = None if key is None else jax.random.fold_in(key, index)
     new_leaves.append(
         meld_kernel(leaf, rank, init=init, key=layer_key, scaling=scaling, name=path)

@@ -31,7 +31,9 @@ def _fp8_gemm(a, b, inv_scale, precision, out_dtype):
 
 def _quantize(x, fmt, implementation):
   """Per-tensor scale and FP8 cast: plain jnp, or a Pallas kernel when asked for."""
-  if implementation == "xla":
+  # An empty batch leaves a kernel nothing to do (kernels.quantize refuses it); jnp takes
+  # its amax as 0. The shape is static, so this costs a non-empty program nothing.
+  if implementation == "xla" or x.size == 0:
     scale = fp8.compute_scale(x, fmt)
     return fp8.quantize(x, scale, fmt), scale
   from falqon_jax import kernels  # imported lazily: kernels import the core
@@ -112,7 +114,7 @@ def melded_dense(
       default), ``"pallas"`` (``falqon_jax.kernels``), or a sequence tried in order.
 
   Returns:
-    ``(..., out)``.
+    ``(..., out)``; empty for an empty batch, whose ``delta`` gradient is zero.
 
   Example:
     >>> import jax, jax.numpy as jnp, falqon_jax

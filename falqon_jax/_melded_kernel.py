@@ -107,8 +107,13 @@ def check_kernel(kernel, what: str = "kernel") -> jax.Array:
   return kernel
 
 
+def is_int(x) -> bool:
+  """A Python or numpy integer, not a bool: counts often come from numpy arithmetic."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def check_rank(rank, in_features: int, out_features: int, what: str = "kernel") -> int:
-  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
+  if not is_int(rank):
     raise TypeError(f"rank must be an int, got {rank!r}")
   rank = int(rank)
   if rank <= 0 or rank > min(in_features, out_features):

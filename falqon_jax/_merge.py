@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from falqon_jax import fp8
-from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax._melded_kernel import MeldedKernel, is_int
 
 Reset = Literal["all", "merged", "residual"]
 Rounding = Literal["nearest", "stochastic"]
@@ -61,6 +61,19 @@ def write_rows(qweight: jax.Array, rows: jax.Array, new_rows: jax.Array, *, via_
   return fp8._bitcast(bits, qweight.dtype)
 
 
+def live_rows(delta_rows: jax.Array, active: Optional[jax.Array] = None) -> jax.Array:
+  """Which of the selected rows really merge: ``(k,)`` bool.
+
+  A row whose delta holds a NaN or an Inf is dropped: its update would write NaN (or
+  saturated) bytes. With ``active``, rows past the first ``active`` are dropped too. The
+  test reads only the ``(k, rank)`` deltas, the same in the XLA merge and the kernel.
+  """
+  live = jnp.all(jnp.isfinite(delta_rows), axis=-1)
+  if active is not None:
+    live = live & (jnp.arange(delta_rows.shape[0]) < active)
+  return live
+
+
 def merge_counters(rows: jax.Array, cols: jax.Array, width: int) -> jax.Array:
   """Each merged element's position ``row * width + col`` in the weight (broadcasting
   ``rows`` against ``cols``): its stochastic-rounding counter, the same in the XLA merge
@@ -88,8 +101,9 @@ def compute_merged_rows(
   Row scaling: the update is computed in value space, and a row whose new amax would
   saturate gets a smaller scale (a wider range) instead of clipping.
 
-  ``active``, if given, is a traced count: only the first ``active`` of the selected rows
-  (in top-k order) are merged; the rest are rewritten with their own bytes.
+  Only the rows :func:`live_rows` keeps are merged: rows with a finite delta and, when
+  ``active`` (a traced count) is given, among the first ``active`` in top-k order. The
+  others come back with their own bytes and scales.
 
   Returns:
     ``(new_rows_fp8 (k, in), new_row_scales (k,) or the unchanged 0-d scale)``.
@@ -98,17 +112,22 @@ def compute_merged_rows(
   raw_rows = fp8._bitcast(bits[rows], qweight.dtype).astype(jnp.float32)
   raw_a = fp8._bitcast(bits[out_features:], qweight.dtype).astype(jnp.float32)
   d_rows = delta[rows].astype(jnp.float32)
+  # A dropped row keeps its raw values, which every rounding gives back as they are: its
+  # own bytes (adding a zero update would turn a -0 code into +0) and, as its amax cannot
+  # exceed 448, its scale. Selecting here, where raw_rows is read anyway, reads no row twice.
+  live = live_rows(d_rows, active)[:, None]
   hi = MERGE_PRECISION
   if scaling == "row":
     row_scale = scale[rows]
     a_values = raw_a / scale[out_features:, None]
     v = raw_rows + row_scale[:, None] * jnp.dot(d_rows, a_values, precision=hi)
+    v = jnp.where(live, v, raw_rows)
     amax = jnp.max(jnp.abs(v), axis=-1)
     shrink = jnp.where(amax > fp8.E4M3.max, fp8.E4M3.max / amax, 1.0)
     v = v * shrink[:, None]
     new_scale = row_scale * shrink
   else:
-    v = raw_rows + jnp.dot(d_rows, raw_a, precision=hi)
+    v = jnp.where(live, raw_rows + jnp.dot(d_rows, raw_a, precision=hi), raw_rows)
     new_scale = scale
   if rounding == "stochastic":
     n = v.shape[1]
@@ -116,13 +135,6 @@ def compute_merged_rows(
     new = fp8.quantize_stochastic(v, key, fp8.E4M3, index=counters)
   else:
     new = fp8.quantize(v, 1.0, fp8.E4M3)
-  if active is not None:
-    # Rows past `active` keep their own bytes. (Adding a zero update would also keep their
-    # values, but turns a -0 code into +0, as it does for merged rows in the reference.)
-    live = jnp.arange(rows.shape[0]) < active
-    new = jnp.where(live[:, None], new, fp8._bitcast(bits[rows], qweight.dtype))
-    if scaling == "row":
-      new_scale = jnp.where(live, new_scale, row_scale)
   return new, new_scale
 
 
@@ -204,6 +216,8 @@ def merge_rows(
   else:
     if reset == "residual":
       cleared = rounding_residual(mk, rows, new_rows, new_row_scale)
+      # A dropped non-finite update leaves no residual worth keeping.
+      cleared = jnp.where(live_rows(mk.delta[rows])[:, None], cleared, 0.0)
     else:
       cleared = jnp.zeros((k, mk.rank), mk.delta.dtype)
     if active is not None:
@@ -239,6 +253,10 @@ def merge_top_k(
   with ``reset="residual"`` the merged rows keep what the FP8 grid could not hold
   (:func:`rounding_residual`).
 
+  A selected row whose delta is not finite (NaN or Inf) is dropped: its weight bytes and
+  scale stay as they were and its delta is cleared like a merged row's, so one bad update
+  neither corrupts the weight nor keeps its row from merging again.
+
   Args:
     mk: the melded kernel.
     k: how many rows to merge (static), ``1 <= k <= out``.
@@ -258,10 +276,10 @@ def merge_top_k(
   """
   if not isinstance(mk, MeldedKernel):
     raise TypeError(f"merge_top_k needs a MeldedKernel, got {type(mk).__name__}")
-  if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= mk.out_features:
+  if not is_int(k) or not 1 <= k <= mk.out_features:
     raise ValueError(
         f"k must be an int in [1, out] = [1, {mk.out_features}], got {k!r}"
     )
   check_merge_options(reset, rounding, key)
-  return merge_rows(mk, k, reset=reset, rounding=rounding, key=key,
+  return merge_rows(mk, int(k), reset=reset, rounding=rounding, key=key,
                     implementation=implementation)

@@ -18,12 +18,11 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 
-from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax._melded_kernel import MeldedKernel, is_int
 from falqon_jax._merge import Implementation, Reset, Rounding, check_merge_options, merge_rows
-
-_NEVER_GIVE_UP = 2**31 - 1  # apply_if_finite then skips every non-finite step
 
 
 def _is_melded(x) -> bool:
@@ -58,8 +57,52 @@ class ProxyUpdateState(NamedTuple):
 
   @property
   def skipped(self) -> jax.Array:
-    """How many steps were skipped because their gradients were not finite."""
+    """How many steps were skipped because their gradients or updates were not finite."""
     return self.inner_state.total_notfinite
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def _apply_if_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``optax.apply_if_finite`` that never gives up and also checks the inner *updates*.
+
+  Finite gradients can still give non-finite updates (a NaN learning rate, an overflowing
+  moment), which the gradients alone do not show. Such a step is rejected like one with
+  non-finite gradients: zero updates, the inner state as it was, and counted. The state
+  is an ``optax.ApplyIfFiniteState``, as ``apply_if_finite`` keeps it.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32),
+        last_finite=jnp.array(True, jnp.bool_),
+        total_notfinite=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(params),
+    )
+
+  def update(grads, state, params=None, **extra_args):
+    updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+    finite = jnp.logical_and(_all_finite(grads), _all_finite(updates))
+    # lax.cond, not a select per leaf: it also carries non-array state (PRNG keys).
+    updates, inner_state = lax.cond(
+        finite,
+        lambda: (updates, inner_state),
+        lambda: (optax.tree.zeros_like(updates), state.inner_state),
+    )
+    return updates, optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(
+            finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count)),
+        last_finite=finite,
+        total_notfinite=jnp.where(
+            finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)),
+        inner_state=inner_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def delta_tree(tree):
@@ -110,9 +153,9 @@ def proxy_update(
       happens only on that update step; the other calls change nothing.
     implementation: merge implementation, see :func:`falqon_jax.merge_top_k`.
 
-  A step whose delta gradients are not finite is skipped (``optax.apply_if_finite``):
-  deltas, FP8 weights and the inner state are left unchanged, and
-  ``state.skipped`` counts it.
+  A step whose delta gradients or inner updates are not finite (``optax.apply_if_finite``,
+  extended to the updates, which a NaN learning rate spoils) is skipped: deltas, FP8
+  weights and the inner state are left unchanged, and ``state.skipped`` counts it.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, falqon_jax
@@ -129,18 +172,20 @@ def proxy_update(
     1
   """
   check_merge_options(reset, rounding, key)
-  if top_k is not None and top_k != "all" and (
-      not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+  if top_k is not None and top_k != "all" and (not is_int(top_k) or top_k < 1):
     raise ValueError(f'top_k must be None, "all" or a positive int, got {top_k!r}')
-  if not isinstance(warmup_steps, int) or warmup_steps < 0:
+  if not is_int(warmup_steps) or warmup_steps < 0:
     raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
-  if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+  if not is_int(accumulation_steps) or accumulation_steps < 1:
     raise ValueError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
+  # Python ints from here on: top_k is a static shape, the others go into optax.
+  top_k = top_k if top_k in (None, "all") else int(top_k)
+  warmup_steps, accumulation_steps = int(warmup_steps), int(accumulation_steps)
   if not isinstance(implementation, str):
     implementation = tuple(implementation)
   if accumulation_steps > 1:
     inner = optax.MultiSteps(inner, every_k_schedule=accumulation_steps).gradient_transformation()
-  guarded = optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
+  guarded = _apply_if_finite(inner)
 
   def stepped(old_inner, new_inner):
     """Whether this call really updated the deltas: finite, and a sync step."""

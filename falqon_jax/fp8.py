@@ -113,8 +113,12 @@ def scale_from_amax(amax: jax.Array, fmt: FormatLike) -> jax.Array:
 
 
 def _amax(x: jax.Array, axis: Optional[Union[int, Sequence[int]]]) -> jax.Array:
-  # |x| and max are exact in x's own dtype; upcast the (small) result only.
-  return jnp.max(jnp.abs(x), axis=axis, keepdims=axis is not None).astype(jnp.float32)
+  # |x| and max are exact in x's own dtype; upcast the (small) result only. An empty
+  # reduction needs an identity: |x| >= 0, so 0 is one. It is passed for empty x only,
+  # which leaves every other program as it is.
+  initial = 0 if x.size == 0 else None
+  amax = jnp.max(jnp.abs(x), axis=axis, keepdims=axis is not None, initial=initial)
+  return amax.astype(jnp.float32)
 
 
 def compute_scale(
@@ -124,6 +128,9 @@ def compute_scale(
     axis: Optional[Union[int, Sequence[int]]] = None,
 ) -> jax.Array:
   """The scale that maps ``amax(x)`` onto the format's largest value.
+
+  The amax of nothing (an empty ``x``, or empty reduced axes) is 0, which gives the
+  largest scale, as an all-zero ``x`` does.
 
   Args:
     x: a floating array.

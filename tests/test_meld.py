@@ -121,3 +121,14 @@ def test_bad_rank(rng):
     falqon_jax.meld(params, rank=64)
   with pytest.raises(ValueError, match="needs key"):
     falqon_jax.meld(params, rank=8, init="random")
+
+
+def test_numpy_integer_rank_is_accepted_and_stored_as_int(rng):
+  params = {"a": {"kernel": jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)}}
+  want, _ = falqon_jax.meld(params, rank=8)
+  melded, report = falqon_jax.meld(params, rank=np.int64(8))
+  assert type(report.melded[0].rank) is int and type(melded["a"]["kernel"].rank) is int
+  assert melded["a"]["kernel"].qweight.tobytes() == want["a"]["kernel"].qweight.tobytes()
+  for bad in (True, 8.0, np.float32(8)):
+    with pytest.raises(TypeError, match="rank must be an int"):
+      falqon_jax.meld(params, rank=bad)

@@ -196,3 +196,19 @@ def test_pallas_quantization_gives_the_same_bits(rng):
     dx, dmk = vjp(g)
     results.append([np.asarray(a).tobytes() for a in (y, dx, dmk.delta)])
   assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("lead, scaling", [((0,), "tensor"), ((2, 0), "row")])
+def test_empty_batch_gives_empty_output_and_zero_delta_gradient(rng, implementation, lead, scaling):
+  _, mk, x = _setup(rng, scaling=scaling, lead=lead)
+  bias = jnp.ones(OUT, jnp.float32)
+  f = lambda x, mk: falqon_jax.melded_dense(x, mk, bias, implementation=implementation)
+  y, vjp = jax.vjp(f, x, mk)
+  assert y.shape == lead + (OUT,) and y.dtype == x.dtype
+  dx, dmk = vjp(jnp.ones_like(y))
+  assert dx.shape == x.shape and dx.dtype == x.dtype
+  # A sum over no rows: exactly zero.
+  assert dmk.delta.shape == (OUT, RANK) and not np.any(np.asarray(dmk.delta))
+  g = jax.jit(jax.grad(lambda mk: jnp.sum(f(x, mk).astype(jnp.float32))))(mk)
+  assert not np.any(np.asarray(g.delta))

@@ -129,3 +129,14 @@ def dataclasses_FrozenInstanceError():
 def test_bad_input_errors(kernel, rank, kw, err, msg):
   with pytest.raises(err, match=msg):
     falqon_jax.meld_kernel(kernel, rank, **kw)
+
+
+def test_numpy_integer_rank_is_stored_as_a_python_int(rng):
+  k = _kernel(rng, (32, 48))
+  mk = falqon_jax.meld_kernel(k, np.int32(8))
+  assert type(mk.rank) is int and mk.rank == 8
+  # The same static fields, so the same pytree structure as an int rank gives.
+  assert jax.tree_util.tree_structure(mk) == jax.tree_util.tree_structure(falqon_jax.meld_kernel(k, 8))
+  for bad in (True, np.bool_(True), 8.0):
+    with pytest.raises(TypeError, match="rank must be an int"):
+      falqon_jax.meld_kernel(k, bad)

@@ -270,8 +270,9 @@ def test_bad_input_errors(rng):
     falqon_jax.merge_top_k(mk.qweight, 4)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("scaling", ["tensor", "row"])
-def test_inactive_rows_keep_their_bytes_including_negative_zero(rng, scaling):
+def test_inactive_rows_keep_their_bytes_including_negative_zero(rng, scaling, rounding):
   from falqon_jax._merge import merge_rows
   mk = _mk(rng, scaling=scaling)
   bits = np.asarray(mk.qweight).view(np.uint8).copy()
@@ -279,7 +280,8 @@ def test_inactive_rows_keep_their_bytes_including_negative_zero(rng, scaling):
   mk = mk.replace(qweight=jnp.asarray(bits.view(oracle.E4M3)))
   idx = np.asarray(falqon_jax.select_rows(mk.delta, 8))
   for active in (0, 3):
-    new = merge_rows(mk, 8, reset="merged", active=jnp.int32(active))
+    new = merge_rows(mk, 8, reset="merged", active=jnp.int32(active), rounding=rounding,
+                     key=jax.random.key(active))
     got = _u8(new.qweight)
     untouched = np.setdiff1d(np.arange(OUT + RANK), idx[:active])
     np.testing.assert_array_equal(got[untouched], bits[untouched])
@@ -300,3 +302,44 @@ def test_pallas_merge_implementation_matches(rng, scaling, reset):
   assert a.qweight.tobytes() == b.qweight.tobytes()
   np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
   np.testing.assert_array_equal(np.asarray(a.delta), np.asarray(b.delta))
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_non_finite_delta_rows_are_dropped_without_touching_the_weight(rng, implementation, scaling):
+  mk = _mk(rng, scaling=scaling)
+  d = np.asarray(mk.delta).copy()
+  d[3, 0], d[7, 2] = np.nan, np.inf
+  bad = mk.replace(delta=jnp.asarray(d))
+  # The same rows with large finite deltas: the same top-k choice.
+  d[3, 0] = d[7, 2] = 1e3
+  ok = mk.replace(delta=jnp.asarray(d))
+  idx = np.asarray(falqon_jax.select_rows(bad.delta, 8))
+  assert {3, 7} <= set(idx)  # non-finite norms rank first
+  good = np.setdiff1d(idx, [3, 7])
+  for reset in ("all", "merged", "residual"):
+    new = falqon_jax.merge_top_k(bad, 8, reset=reset, implementation=implementation)
+    want = falqon_jax.merge_top_k(ok, 8, reset=reset, implementation=implementation)
+    q = _u8(new.qweight)
+    np.testing.assert_array_equal(q[[3, 7]], _u8(mk.qweight)[[3, 7]])
+    rest = np.setdiff1d(np.arange(OUT + RANK), [3, 7])
+    np.testing.assert_array_equal(q[rest], _u8(want.qweight)[rest])
+    s_new, s_old, s_want = (np.broadcast_to(np.asarray(m.scale), (OUT + RANK,))
+                            for m in (new, mk, want))
+    np.testing.assert_array_equal(s_new[[3, 7]], s_old[[3, 7]])
+    np.testing.assert_array_equal(s_new[rest], s_want[rest])
+    assert np.all(np.isfinite(np.asarray(new.qweight.astype(jnp.float32))))
+    # The unusable update is cleared with the merged rows' deltas; no NaN remains.
+    dn = np.asarray(new.delta)
+    assert np.all(np.isfinite(dn)) and not np.any(dn[[3, 7]])
+    np.testing.assert_array_equal(dn[good], np.asarray(want.delta)[good])
+
+
+def test_numpy_integer_k_is_accepted_and_bools_refused(rng):
+  mk = _mk(rng)
+  want = falqon_jax.merge_top_k(mk, 4)
+  for k in (np.int64(4), np.int32(4)):
+    assert falqon_jax.merge_top_k(mk, k).qweight.tobytes() == want.qweight.tobytes()
+  for bad in (True, np.bool_(True), 4.0):
+    with pytest.raises(ValueError, match="k must be an int"):
+      falqon_jax.merge_top_k(mk, bad)

@@ -235,3 +235,43 @@ def test_pallas_merge_implementation_gives_the_same_step(rng):
     outs.append(new["layer"]["kernel"])
   assert outs[0].qweight.tobytes() == outs[1].qweight.tobytes()
   np.testing.assert_array_equal(np.asarray(outs[0].delta), np.asarray(outs[1].delta))
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_non_finite_updates_from_finite_gradients_are_skipped(rng, accumulation_steps):
+  """A NaN learning rate turns finite gradients into NaN updates: skipped like NaN gradients."""
+  params = _params(rng)
+  tx = falqon_jax.proxy_update(optax.adam(float("nan")), top_k=4, reset="merged",
+                               accumulation_steps=accumulation_steps)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: _step(tx, p, s, g))
+  for i in range(accumulation_steps):  # the last call is the one that updates
+    before_p, before_s = params, state
+    params, state = step(params, state, _grads(params, rng.standard_normal((OUT, RANK))))
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(before_p)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert np.all(np.isfinite(np.asarray(params["layer"]["kernel"].qweight.astype(jnp.float32))))
+  assert int(state.skipped) == 1 and int(state.count) == 0
+  assert not bool(state.inner_state.last_finite)
+  for a, b in zip(jax.tree_util.tree_leaves(state.inner_state.inner_state),
+                  jax.tree_util.tree_leaves(before_s.inner_state.inner_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_numpy_integer_counts_are_accepted_and_bools_refused(rng):
+  params = _params(rng)
+  g = _grads(params, rng.standard_normal((OUT, RANK)))
+  changed = []
+  for top_k, warmup, acc in ((3, 1, 1), (np.int64(3), np.int64(1), np.int32(1))):
+    tx = falqon_jax.proxy_update(optax.sgd(0.5), top_k=top_k, warmup_steps=warmup,
+                                 accumulation_steps=acc)
+    state = tx.init(params)
+    p, state = _step(tx, params, state, g)
+    p, state = _step(tx, p, state, g)
+    changed.append(p["layer"]["kernel"].qweight.tobytes())
+  assert changed[0] == changed[1]
+  for bad in (dict(top_k=3.0), dict(top_k=True), dict(warmup_steps=True),
+              dict(warmup_steps=1.0), dict(accumulation_steps=True),
+              dict(accumulation_steps=np.float32(2))):
+    with pytest.raises(ValueError, match="must be"):
+      falqon_jax.proxy_update(optax.sgd(0.5), **bad)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from falqon_jax import fp8
+from falqon_jax._melded_kernel import is_int
 from falqon_jax.kernels import _dispatch
 from falqon_jax.kernels._dispatch import IMPLEMENTATIONS, KernelUnavailableError
 from falqon_jax.kernels.row_merge import merge_pallas, merge_reference
@@ -120,7 +121,7 @@ def select_rows(delta: jax.Array, k: int) -> jax.Array:
 
   if not hasattr(delta, "ndim") or delta.ndim != 2:
     raise ValueError(f"delta must be a 2-D (out, rank) array, got {getattr(delta, 'shape', delta)}")
-  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= delta.shape[0]:
+  if not is_int(k) or not 1 <= k <= delta.shape[0]:
     raise ValueError(f"k must be an int in [1, rows] = [1, {delta.shape[0]}], got {k!r}")
   return _merge.select_rows(delta, int(k))
 
@@ -131,7 +132,7 @@ def _check_merge(qweight, scale, delta, rows, out_features, scaling, rounding, k
         "qweight must be a 2-D float8_e4m3fn array, got"
         f" {getattr(qweight, 'dtype', type(qweight))}{tuple(getattr(qweight, 'shape', ()))}"
     )
-  if not isinstance(out_features, (int, np.integer)) or not 1 <= out_features < qweight.shape[0]:
+  if not is_int(out_features) or not 1 <= out_features < qweight.shape[0]:
     raise ValueError(
         f"out_features must be an int in [1, {qweight.shape[0] - 1}] for qweight of shape"
         f" {tuple(qweight.shape)}, got {out_features!r}"
@@ -193,8 +194,9 @@ def merge_rows(
 
   The same bits as ``_merge.compute_merged_rows`` then ``write_rows``: new rows
   ``e4m3(clamp(raw[rows] + delta[rows] @ raw_A, ±448))`` (tensor scaling) or the
-  scale-shrinking row-scaled variant; every other row is untouched. Donate ``qweight``
-  to the enclosing ``jax.jit`` so that the Pallas kernel writes it in place.
+  scale-shrinking row-scaled variant; every other row is untouched, and so is a selected
+  row whose delta is not finite (NaN or Inf). Donate ``qweight`` to the enclosing
+  ``jax.jit`` so that the Pallas kernel writes it in place.
 
   Args:
     qweight: float8_e4m3fn ``(out + rank, in)``, rows ``[out:]`` are ``A``.

@@ -11,7 +11,8 @@
   and shrinks its scale instead of clipping, rounds to nearest or stochastically (hashing
   the reference's counter-based uniforms in registers, ``fp8.hash_uniform``, so nothing
   random is read from memory), and stores the rows into ``qweight``
-  in place through ``input_output_aliases``. No other byte is read or written.
+  in place through ``input_output_aliases``. No other byte is read or written, nor are
+  the rows ``_merge.live_rows`` drops (a non-finite delta, or past ``active``).
 
 Row selection (top-k of the row L1 norms) stays in XLA: no Pallas GPU backend lowers
 ``top_k``, and at k <= 64 over a few thousand rows it is a negligible kernel.
@@ -63,14 +64,12 @@ def merge_reference(
   return qweight, scale
 
 
-def _update(qweight, scale, delta, rows, active, out_features, scaling):
-  """The f32 ``(k, in)`` update, with the same ops as ``compute_merged_rows``."""
+def _update(qweight, scale, delta, rows, live, out_features, scaling):
+  """The f32 ``(k, in)`` update, with the same ops as ``compute_merged_rows``; zero for
+  dropped rows, so that no NaN reaches the kernel (a row-scaled row's amax included)."""
   bits = fp8._bitcast(qweight, jnp.uint8)
   raw_a = fp8._bitcast(bits[out_features:], qweight.dtype).astype(jnp.float32)
-  d_rows = delta[rows].astype(jnp.float32)
-  if active is not None:
-    live = jnp.arange(rows.shape[0]) < active
-    d_rows = jnp.where(live[:, None], d_rows, 0.0)
+  d_rows = jnp.where(live[:, None], delta[rows].astype(jnp.float32), 0.0)
   hi = _merge.MERGE_PRECISION
   if scaling == "row":
     a_values = raw_a / scale[out_features:, None]
@@ -108,8 +107,8 @@ def _merge_kernel(live_ref, rows_ref, upd_ref, seed_ref, rs_ref, q_in_ref, q_ref
                   k, n, bn, stochastic, row_scaling, interpret):
   del q_in_ref  # aliased with q_ref: read and write through the output ref
   i = pl.program_id(0)
-  n_live = live_ref[0]  # rows past `active` keep their own bytes: never written
   (kb,) = rows_ref.shape
+  live = live_ref[...][:, None] != 0  # dropped rows keep their own bytes: never written
   row_ok = _pallas.iota2((kb, 1), 0, i * kb) < k
   rows = rows_ref[...][:, None]  # padded to the block: in bounds, pads point past the end
   sel = _pallas.iota2((kb, bn), 0, i * kb)  # position among the k selected rows
@@ -130,7 +129,7 @@ def _merge_kernel(live_ref, rows_ref, upd_ref, seed_ref, rs_ref, q_in_ref, q_ref
       new = _round_stochastic(v, u, interpret)
     else:
       new = jnp.clip(v, -FMT.max, FMT.max).astype(FMT.dtype)
-    _pallas.store(q_ref.at[qrows, cols], new, mask & (sel < n_live))
+    _pallas.store(q_ref.at[qrows, cols], new, mask & live)
 
   if not row_scaling:
     write(pl.program_id(1) * bn, None)
@@ -174,14 +173,15 @@ def merge_pallas(
   kb, bn = block_shape or default_block_shape(k, n, scaling)
   row_scaling, stochastic = scaling == "row", rounding == "stochastic"
   rows = rows.astype(jnp.int32)
-  upd = _update(qweight, scale, delta, rows, active, out_features, scaling)
+  live = _merge.live_rows(delta[rows], active)
+  upd = _update(qweight, scale, delta, rows, live, out_features, scaling)
   # The seed of the reference's counter-based uniforms: the kernel hashes its own.
   seed = fp8.stochastic_seed(key) if stochastic else jnp.zeros((2,), jnp.uint32)
   gk = pl.cdiv(k, kb)
   # Padding rows point past the end: masked on Triton, and dropped (not a duplicate of a
   # real row, which would race with it) by interpret mode's scatter.
   rows_p = jnp.pad(rows, (0, gk * kb - k), constant_values=m)
-  live = jnp.reshape(jnp.asarray(k if active is None else active, jnp.int32), (1,))
+  live_p = jnp.pad(live.astype(jnp.int32), (0, gk * kb - k))
   rs = scale[rows][:, None] if row_scaling else jnp.zeros((k, 1), jnp.float32)
   rs = jnp.pad(rs, ((0, gk * kb - k), (0, 0)))
   grid = (gk, 1 if row_scaling else pl.cdiv(n, bn))
@@ -194,7 +194,8 @@ def merge_pallas(
       kernel,
       grid=grid,
       in_specs=[
-          whole(live), pl.BlockSpec((kb,), lambda i, j: (i,)), whole(upd), whole(seed),
+          pl.BlockSpec((kb,), lambda i, j: (i,)), pl.BlockSpec((kb,), lambda i, j: (i,)),
+          whole(upd), whole(seed),
           pl.BlockSpec((kb, 1), lambda i, j: (i, 0)), whole(qweight),
       ],
       out_specs=[whole(qweight), pl.BlockSpec((kb, 1), lambda i, j: (i, 0))],
@@ -203,7 +204,7 @@ def merge_pallas(
       input_output_aliases={5: 0},
       interpret=interpret,
       compiler_params=None if interpret else _pallas.compiler_params(num_warps),
-  )(live, rows_p, upd, seed, rs, qweight)
+  )(live_p, rows_p, upd, seed, rs, qweight)
   if row_scaling:
     scale = scale.at[rows].set(new_rs[:k, 0], unique_indices=True)
   return new_q, scale

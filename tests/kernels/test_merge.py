@@ -81,6 +81,30 @@ def test_pallas_matches_reference(rng, scaling, rounding, active):
     assert (np.asarray(got[1])[live] < np.asarray(scale)[live]).any()
 
 
+@pytest.mark.parametrize("scaling, rounding, active",
+                         [("tensor", "nearest", None), ("row", "stochastic", None),
+                          ("row", "nearest", 6)])
+def test_non_finite_delta_rows_keep_their_bytes(rng, scaling, rounding, active):
+  qweight, scale, delta, rows = _case(rng, scaling, delta_scale=40.0)
+  r = np.asarray(rows)
+  delta = delta.at[r[0], 1].set(jnp.nan).at[r[5], 0].set(-jnp.inf)
+  key = jax.random.key(5) if rounding == "stochastic" else None
+  act = None if active is None else jnp.int32(active)
+  opts = dict(out_features=OUT, scaling=scaling, rounding=rounding)
+  want = km.merge_reference(qweight, scale, delta, rows, key, act, **opts)
+  got = kernels.merge_rows(qweight, scale, delta, rows, key=key, active=act,
+                           implementation="pallas", interpret=True, block_shape=BLOCK, **opts)
+  _assert_same(got, want)
+  q = _bits(got[0])
+  np.testing.assert_array_equal(q[r[[0, 5]]], _bits(qweight)[r[[0, 5]]])
+  np.testing.assert_array_equal(np.broadcast_to(np.asarray(got[1]), (OUT + RANK,))[r[[0, 5]]],
+                                np.broadcast_to(np.asarray(scale), (OUT + RANK,))[r[[0, 5]]])
+  assert np.isfinite(np.asarray(got[0].astype(jnp.float32))).all()
+  # The other live rows still merge (r[1] = row 2 has a zero update).
+  live = r[[2, 3, 4] + list(range(6, K if active is None else active))]
+  assert (q[live] != _bits(qweight)[live]).any(axis=1).all()
+
+
 def test_default_block_and_untouched_inactive(rng):
   """The default (one-step) block; with active=0 the rows come back as the reference has them."""
   qweight, scale, delta, rows = _case(rng, "tensor")
@@ -161,6 +185,8 @@ def _bad(rng, **change):
         (dict(rows=jnp.array([3, 3])), ValueError, "distinct"),
         (dict(rows=jnp.array([1.0, 2.0])), TypeError, "integer"),
         (dict(out_features=OUT + RANK), ValueError, "out_features"),
+        (dict(out_features=True), ValueError, "out_features"),
+        (dict(out_features=float(OUT)), ValueError, "out_features"),
         (dict(rounding="stochastic"), ValueError, "needs key"),
         (dict(rounding="up"), ValueError, "rounding"),
         (dict(scaling="col"), ValueError, "scaling"),
@@ -177,6 +203,16 @@ def test_select_rows_checks_k(rng):
   delta = jnp.asarray(rng.standard_normal((OUT, RANK)), jnp.float32)
   np.testing.assert_array_equal(kernels.select_rows(delta, 3),
                                 jax.lax.top_k(jnp.abs(delta).sum(1), 3)[1])
-  for k in (0, OUT + 1, 2.0):
+  for k in (0, OUT + 1, 2.0, True):
     with pytest.raises(ValueError, match="k must be an int"):
       kernels.select_rows(delta, k)
+  np.testing.assert_array_equal(kernels.select_rows(delta, np.int64(3)),
+                                kernels.select_rows(delta, 3))
+
+
+def test_numpy_integer_out_features(rng):
+  qweight, scale, delta, rows = _case(rng, "tensor")
+  want = kernels.merge_rows(qweight, scale, delta, rows, out_features=OUT)
+  got = kernels.merge_rows(qweight, scale, delta, rows, out_features=np.int64(OUT),
+                           implementation="pallas")
+  _assert_same(got, want)
