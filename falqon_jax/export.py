@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -64,8 +65,11 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
 )
-_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
-                "flax_model.msgpack", "pytorch_model.bin")
+_CONFIG = "config.json"
+# Weight files of any HF loader, sharded or not: a stale one left beside a new export would
+# be read with it (or instead of it), so overwriting replaces them too.
+_WEIGHTS = re.compile(r"(model|pytorch_model|flax_model|tf_model)(-\d+-of-\d+)?"
+                      r"\.(safetensors|bin|msgpack|h5)(\.index\.json)?")
 
 
 def _is_melded(x) -> bool:
@@ -81,33 +85,75 @@ def _check_target(folder: str, overwrite: bool) -> str:
   folder = os.path.abspath(folder)
   if os.path.exists(folder) and not os.path.isdir(folder):
     raise FileExistsError(f"{folder} exists and is not a folder; choose another path")
-  if os.path.isdir(folder) and not overwrite:
-    held = [f for f in os.listdir(folder) if f in _MODEL_FILES or f.endswith(".safetensors")]
-    if held:
-      raise FileExistsError(
-          f"{folder} already holds a model ({held[0]}); pass overwrite=True to replace it"
-      )
+  if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+    raise FileExistsError(
+        f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace"
+        " the model files in it, leaving every other file, or choose a new or empty folder"
+    )
   return folder
 
 
 def _write_atomic(folder: str, write) -> str:
-  """Writes into a temp folder beside ``folder``, then renames it into place."""
+  """Runs ``write`` on a temp folder beside ``folder``, then moves its files into place.
+
+  A new folder is the written one renamed, so it appears complete. Into an existing
+  folder the files move one by one: ``config.json`` goes out first and in last, so no
+  state in between reads as a model. Only the files written and stale weight files
+  (:data:`_WEIGHTS`) are displaced; every other file and folder stays. On an error
+  everything moved is put back, and the temp folder is always removed.
+  """
   parent = os.path.dirname(folder)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+  new, old = os.path.join(tmp, "new"), os.path.join(tmp, "old")
+  done = []  # (where a file is now, where it came from), undone in reverse on an error
   try:
-    write(tmp)
-    if os.path.exists(folder):
-      old = tmp + ".old"
-      os.rename(folder, old)
-      os.rename(tmp, folder)
-      shutil.rmtree(old, ignore_errors=True)
+    os.mkdir(new)  # not mkdtemp's 0o700: the export gets the umask's permissions
+    os.mkdir(old)
+    write(new)
+    if os.path.isdir(folder):
+      _move_in(new, old, folder, done)
     else:
-      os.rename(tmp, folder)
+      os.rename(new, folder)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    for now, was in reversed(done):
+      try:
+        os.replace(now, was)
+      except OSError:
+        pass
     raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return folder
+
+
+def _move_in(new: str, old: str, folder: str, done: list):
+  names = sorted(os.listdir(new))
+  for name in names:
+    path = os.path.join(folder, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      raise FileExistsError(f"{path} is a folder where the export writes a file; move it"
+                            " away or choose another folder")
+  stale = [f for f in os.listdir(folder) if _WEIGHTS.fullmatch(f) and f not in names
+           and not os.path.isdir(os.path.join(folder, f))]
+
+  def move(src, dst):
+    os.replace(src, dst)
+    done.append((dst, src))
+
+  def displace(name):
+    if os.path.lexists(os.path.join(folder, name)):
+      move(os.path.join(folder, name), os.path.join(old, name))
+
+  displace(_CONFIG)
+  for name in names:
+    if name != _CONFIG:
+      displace(name)
+      move(os.path.join(new, name), os.path.join(folder, name))
+  for name in stale:
+    displace(name)
+  if _CONFIG in names:
+    move(os.path.join(new, _CONFIG), os.path.join(folder, _CONFIG))
 
 
 def _write_weights(tmp: str, tensors: dict, max_shard_bytes: Optional[int]):
@@ -191,18 +237,23 @@ def save_fp8(
   Works for every supported family; GPT-2's Conv1D weights keep HF's ``(in, out)`` layout.
 
   Args:
-    folder: the output folder. An existing model folder is refused unless ``overwrite``.
+    folder: the output folder: new, empty, or (with ``overwrite``) an existing folder.
     model: the transformers Flax model (its config and family name the tensors).
     params: its params, with :class:`~falqon_jax.MeldedKernel` s for melded layers. A
       pending ΔBuffer is not folded in (the forward ignores it too).
     tokenizer: a tokenizer (``save_pretrained``) or a folder to copy tokenizer files from.
     dtype: cast the non-FP8 float tensors to this dtype (e.g. ``jnp.bfloat16``); None
       keeps their dtype, so the export reloads bit-exact.
-    overwrite: replace an existing model folder.
+    overwrite: write into a non-empty folder, replacing only model files: the files this
+      export writes and stale weight files (``model-*.safetensors``, the index,
+      ``pytorch_model.bin``, ``flax_model.msgpack``, ...). Every other file and subfolder
+      stays untouched, so a run folder or a folder of runs keeps all its contents.
     max_shard_bytes: split into shards plus ``model.safetensors.index.json`` above this.
 
   Returns:
-    The absolute folder path. The folder appears only once complete (temp folder, rename).
+    The absolute folder path. Everything is written to a temp folder beside it first; a
+    new folder then appears complete, an existing one gets ``config.json`` last, and an
+    error puts back whatever was moved.
   """
   folder = _check_target(folder, overwrite)
   model_type = model.config.model_type
