@@ -20,6 +20,7 @@ from falqon_jax._proxy_update import (
     delta_tree,
     proxy_update,
 )
+from falqon_jax.errors import UserInputError
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,5 @@ __all__ = [
     "proxy_update",
     "apply_updates",
     "delta_tree",
+    "UserInputError",
 ]

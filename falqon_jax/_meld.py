@@ -17,6 +17,7 @@ from falqon_jax._melded_kernel import (
     check_rank,
     meld_kernel,
 )
+from falqon_jax.errors import UserInputError
 
 Targets = Union[None, str, "re.Pattern[str]", Callable[[str, Any], bool]]
 
@@ -109,7 +110,7 @@ def _matcher(targets: Targets) -> Callable[[str, Any], bool]:
     try:
       pattern = re.compile(targets)
     except re.error as e:
-      raise ValueError(f"targets is not a valid regex ({e}): {targets!r}") from None
+      raise UserInputError(f"targets is not a valid regex ({e}): {targets!r}") from None
     return lambda path, leaf: pattern.search(path) is not None
   raise TypeError(
       "targets must be None, a regex over the param path (e.g. r'(q|v)_proj/kernel$')"
@@ -153,7 +154,7 @@ def meld(
   explicit = targets is not None
   match = _matcher(targets) if explicit else None
   if init == "random" and key is None:
-    raise ValueError('init="random" needs key=jax.random.key(...)')
+    raise UserInputError('init="random" needs key=jax.random.key(...)')
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=lambda x: isinstance(x, MeldedKernel)
   )
@@ -171,7 +172,7 @@ def meld(
         continue
       kernel = check_kernel(leaf, f"targeted leaf {path!r}")
       if any(d % _GEMM_MULTIPLE for d in kernel.shape):
-        raise ValueError(
+        raise UserInputError(
             f"targeted kernel {path!r} has shape {shape}; FP8 GEMMs need both dims to be"
             f" multiples of {_GEMM_MULTIPLE}: narrow `targets` to exclude it"
         )
@@ -188,7 +189,7 @@ def meld(
     )
     melded.append(MeldedLayer(path, shape, rank))
   if explicit and not melded:
-    raise ValueError(
+    raise UserInputError(
         f"targets {targets!r} matched no parameter; paths look like"
         f" {path_str(leaves[0][0])!r}" if leaves else "params is empty"
     )

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from falqon_jax import fp8
+from falqon_jax.errors import UserInputError
 
 Init = Literal["svd", "random"]
 Scaling = Literal["tensor", "row"]
@@ -95,7 +96,7 @@ def check_kernel(kernel, what: str = "kernel") -> jax.Array:
   if not hasattr(kernel, "ndim"):
     kernel = jnp.asarray(kernel)
   if kernel.ndim != 2:
-    raise ValueError(
+    raise UserInputError(
         f"{what} must be a 2-D (in, out) dense kernel, got shape {tuple(kernel.shape)}"
     )
   if not jnp.issubdtype(kernel.dtype, jnp.floating) or jnp.dtype(kernel.dtype).itemsize < 2:
@@ -103,7 +104,7 @@ def check_kernel(kernel, what: str = "kernel") -> jax.Array:
         f"{what} must be a bf16/f16/f32 floating kernel, got dtype {kernel.dtype}"
     )
   if not _is_tracer(kernel) and not bool(jnp.all(jnp.isfinite(kernel))):
-    raise ValueError(f"{what} contains NaN or Inf; fix the checkpoint before melding")
+    raise UserInputError(f"{what} contains NaN or Inf; fix the checkpoint before melding")
   return kernel
 
 
@@ -117,7 +118,7 @@ def check_rank(rank, in_features: int, out_features: int, what: str = "kernel") 
     raise TypeError(f"rank must be an int, got {rank!r}")
   rank = int(rank)
   if rank <= 0 or rank > min(in_features, out_features):
-    raise ValueError(
+    raise UserInputError(
         f"rank must be in [1, min(in, out)] = [1, {min(in_features, out_features)}] for"
         f" {what} of shape ({in_features}, {out_features}), got {rank}"
     )
@@ -205,11 +206,11 @@ def meld_kernel(
   in_features, out_features = kernel.shape
   rank = check_rank(rank, in_features, out_features, name)
   if init not in _INITS:
-    raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    raise UserInputError(f"init must be one of {_INITS}, got {init!r}")
   if scaling not in _SCALINGS:
-    raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
+    raise UserInputError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
   if init == "random" and key is None:
-    raise ValueError('init="random" needs key=jax.random.key(...)')
+    raise UserInputError('init="random" needs key=jax.random.key(...)')
   if key is None:
     key = jax.random.key(0)  # unused by the SVD init; keeps one jitted signature
   return _meld_jit(kernel, key, rank=rank, init=init, scaling=scaling)

@@ -16,6 +16,7 @@ from jax import lax
 
 from falqon_jax import fp8
 from falqon_jax._melded_kernel import MeldedKernel, is_int
+from falqon_jax.errors import UserInputError
 
 Reset = Literal["all", "merged", "residual"]
 Rounding = Literal["nearest", "stochastic"]
@@ -229,11 +230,11 @@ def merge_rows(
 
 def check_merge_options(reset: str, rounding: str, key) -> None:
   if reset not in RESETS:
-    raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
+    raise UserInputError(f"reset must be one of {RESETS}, got {reset!r}")
   if rounding not in ROUNDINGS:
-    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    raise UserInputError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
   if rounding == "stochastic" and key is None:
-    raise ValueError('rounding="stochastic" needs key=jax.random.key(...)')
+    raise UserInputError('rounding="stochastic" needs key=jax.random.key(...)')
 
 
 def merge_top_k(
@@ -277,7 +278,7 @@ def merge_top_k(
   if not isinstance(mk, MeldedKernel):
     raise TypeError(f"merge_top_k needs a MeldedKernel, got {type(mk).__name__}")
   if not is_int(k) or not 1 <= k <= mk.out_features:
-    raise ValueError(
+    raise UserInputError(
         f"k must be an int in [1, out] = [1, {mk.out_features}], got {k!r}"
     )
   check_merge_options(reset, rounding, key)

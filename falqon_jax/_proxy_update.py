@@ -23,6 +23,7 @@ import optax
 
 from falqon_jax._melded_kernel import MeldedKernel, is_int
 from falqon_jax._merge import Implementation, Reset, Rounding, check_merge_options, merge_rows
+from falqon_jax.errors import UserInputError
 
 
 def _is_melded(x) -> bool:
@@ -173,11 +174,11 @@ def proxy_update(
   """
   check_merge_options(reset, rounding, key)
   if top_k is not None and top_k != "all" and (not is_int(top_k) or top_k < 1):
-    raise ValueError(f'top_k must be None, "all" or a positive int, got {top_k!r}')
+    raise UserInputError(f'top_k must be None, "all" or a positive int, got {top_k!r}')
   if not is_int(warmup_steps) or warmup_steps < 0:
-    raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+    raise UserInputError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
   if not is_int(accumulation_steps) or accumulation_steps < 1:
-    raise ValueError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
+    raise UserInputError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
   # Python ints from here on: top_k is a static shape, the others go into optax.
   top_k = top_k if top_k in (None, "all") else int(top_k)
   warmup_steps, accumulation_steps = int(warmup_steps), int(accumulation_steps)
@@ -200,7 +201,7 @@ def proxy_update(
       return mk.rank, None
     k = mk.out_features if top_k == "all" else top_k
     if k > mk.out_features:
-      raise ValueError(
+      raise UserInputError(
           f"top_k={top_k} exceeds the {mk.out_features} rows of a melded kernel of"
           f' shape {mk.shape}; use top_k <= {mk.out_features}, or top_k="all"'
       )
@@ -212,7 +213,7 @@ def proxy_update(
   def init(params):
     kernels = _melded_kernels(params)
     if not kernels:
-      raise ValueError(
+      raise UserInputError(
           "params holds no MeldedKernel: meld it first, e.g."
           " params, report = falqon_jax.meld(params, rank=64)"
       )
@@ -226,7 +227,7 @@ def proxy_update(
 
   def update(grads, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(
+      raise UserInputError(
           "proxy_update needs params: call tx.update(grads, state, params)"
       )
     delta_updates, inner_state = guarded.update(

@@ -7,7 +7,9 @@
   falqon-jax export RUN_FOLDER OUT_FOLDER --format fp8
 
 A RUN folder is what ``finetune`` writes (its latest checkpoint is used); an HF folder is
-a model folder with ``config.json`` and weights (e.g. an export). Errors are one line.
+a model folder with ``config.json`` and weights (e.g. an export). Errors in what the user
+gave (:func:`user_errors`) are one line and exit status 2; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -20,14 +22,33 @@ from typing import Optional, Sequence
 
 from falqon_jax import config as config_lib
 from falqon_jax.config import ConfigError, FinetuneConfig
+from falqon_jax.errors import UserInputError
+
+
+def user_errors() -> tuple:
+  """The errors ``main`` reports in one line: bad input, and the filesystem's refusals."""
+  return (UserInputError, OSError)
+
+
+def finetune_config(args: argparse.Namespace, rest: Sequence[str] = ()) -> FinetuneConfig:
+  """Defaults, then (on ``--resume``) the run's saved ``config.yaml``, then the ``--config``
+  file, then the flags given (``rest``: unknown ones)."""
+  file_values = config_lib.load_file(args.config) if args.config else {}
+  cfg = config_lib.resolve(FinetuneConfig, file_values=file_values, flags=rest,
+                           flag_values=vars(args))
+  saved = os.path.join(cfg.output_dir, "config.yaml")
+  if cfg.resume and os.path.isfile(saved):
+    # A resume continues with the run's own settings; what is given here overrides them.
+    file_values = {**config_lib.load_file(saved), **file_values}
+    cfg = config_lib.resolve(FinetuneConfig, file_values=file_values, flags=rest,
+                             flag_values=vars(args))
+  return cfg
 
 
 def _finetune(args, rest: Sequence[str]) -> None:
   from falqon_jax import finetune
 
-  file_values = config_lib.load_file(args.config) if args.config else {}
-  cfg = config_lib.resolve(FinetuneConfig, file_values=file_values, flags=rest)
-  finetune.run(cfg)
+  finetune.run(finetune_config(args, rest))
 
 
 def load_for_inference(folder: str):
@@ -109,9 +130,27 @@ def _generate(args) -> None:
     print(f"{prompt}{text}")
 
 
+def _check_export_folder(folder: str, out: str) -> None:
+  """Refuses an OUT folder that is, holds or sits inside the source folder.
+
+  A config.json inside a run folder makes a later ``eval`` of it load the export instead
+  of the run; one in a folder that holds runs mixes a model into it. Real paths are
+  compared, so links and ``..`` do not get around the check.
+  """
+  src, dst = os.path.realpath(folder), os.path.realpath(out)
+  common = os.path.commonpath([src, dst])
+  if common not in (src, dst):
+    return
+  where = ("is the source folder" if src == dst else
+           "is inside the source folder" if common == src else "holds the source folder")
+  raise UserInputError(f"export folder {out!r} {where} {folder!r}; choose an OUT folder"
+                       " outside it")
+
+
 def _export(args) -> None:
   from falqon_jax import export
 
+  _check_export_folder(args.folder, args.out)  # before the (slow) model load
   model, params, tokenizer, _ = load_for_inference(args.folder)
   save = export.save_fp8 if args.format == "fp8" else export.save_bf16
   path = save(args.out, model, params, overwrite=args.overwrite)
@@ -124,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
   ft = sub.add_parser("finetune", help="fine-tune with FALQON (flags: every config key)",
                       description="Every FinetuneConfig field is a --flag; flags override"
-                      " the --config file (YAML or TOML).")
+                      " the --config file (YAML or TOML). A bool flag alone means true;"
+                      " it also takes true/false, and --no-FLAG means false.")
   ft.add_argument("--config", help="a YAML or TOML file of config keys")
+  config_lib.add_flags(ft, FinetuneConfig)
 
   ev = sub.add_parser("eval", help="evaluate a run folder or an HF model folder")
   ev.add_argument("folder")
@@ -148,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   ex = sub.add_parser("export", help="write an HF folder: vLLM fp8 or dequantized bf16")
   ex.add_argument("folder")
-  ex.add_argument("out")
+  ex.add_argument("out", help="the folder to write, outside the source folder")
   ex.add_argument("--format", choices=("fp8", "bf16"), default="fp8")
   ex.add_argument("--overwrite", action="store_true")
   return parser
@@ -164,10 +205,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "generate": lambda: _generate(args), "export": lambda: _export(args)}
   try:
     handlers[args.command]()
-  except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-    print(f"falqon-jax {args.command}: error: {e}", file=sys.stderr)
+  except user_errors() as e:
+    print(f"falqon-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 2
   return 0
+
+
+def _one_line(e: Exception) -> str:
+  """``path: reason`` for a filesystem error from the OS, else the error's own message."""
+  if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    text = f"{e.filename}: {e.strerror}"
+  else:
+    text = str(e)
+  return " ".join(text.splitlines())
 
 
 if __name__ == "__main__":

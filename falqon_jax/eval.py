@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from falqon_jax._melded_kernel import is_int
+from falqon_jax.errors import UserInputError
 from falqon_jax.linen import melded
 
 __all__ = [
@@ -81,7 +83,7 @@ def _check_tokenizer(model, tokenizer) -> None:
       )
   # Out-of-range ids do not fail in JAX: the embedding gather clamps them silently.
   if tokenizer.vocab_size > model.config.vocab_size:
-    raise ValueError(
+    raise UserInputError(
         f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is"
         f" {model.config.vocab_size}; use the tokenizer the model was trained with"
     )
@@ -100,8 +102,8 @@ def _round_width(n: int, cap: int) -> int:
 
 
 def _check_batch_size(batch_size: int) -> None:
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  if not is_int(batch_size) or batch_size < 1:
+    raise UserInputError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -154,24 +156,33 @@ def _read_texts(source, text_field: str) -> list[str]:
     )
   if path.endswith(".txt"):
     with open(path, encoding="utf-8") as f:
-      return [f.read()]
+      return [_read_utf8(path, f.read)]
   if path.endswith(".jsonl"):
     texts = []
     with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
+      for n, line in enumerate(_read_utf8(path, f.readlines), 1):
         if not line.strip():
           continue
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); one object per line") from None
+          raise UserInputError(
+              f"{path}:{n}: not valid JSON ({e.msg}); one object per line") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-          raise ValueError(
+          raise UserInputError(
               f"{path}:{n}: no string {text_field!r} field; pass text_field= to name the field"
           )
         texts.append(record[text_field])
     return texts
-  raise ValueError(f"{path}: expected a .txt or .jsonl file")
+  raise UserInputError(f"{path}: expected a .txt or .jsonl file")
+
+
+def _read_utf8(path: str, read: Callable[[], Any]):
+  """``read()`` of a file opened as UTF-8; other bytes are a one-line user error."""
+  try:
+    return read()
+  except UnicodeDecodeError as e:
+    raise UserInputError(f"{path}: not UTF-8 text (byte {e.start}); pass a UTF-8 file") from None
 
 
 def _windows(tokens: Sequence[int], seq_len: int):
@@ -215,8 +226,9 @@ def perplexity(
   """
   _check_tokenizer(model, tokenizer)
   _check_batch_size(batch_size)
-  if seq_len < 2:
-    raise ValueError(f"seq_len must be at least 2 (a context and a scored token), got {seq_len}")
+  if not is_int(seq_len) or seq_len < 2:
+    raise UserInputError(
+        f"seq_len must be an int of at least 2 (a context and a scored token), got {seq_len!r}")
   # A longer window would index past the position table (GPT-2) or past the lengths a
   # RoPE model was trained on, so windows shrink to the model's positions.
   seq_len = min(seq_len, _max_positions(model))
@@ -225,7 +237,7 @@ def perplexity(
   for text in texts:
     rows += _windows(tokenizer.encode(text, add_bos=add_bos, add_eos=False), seq_len)
   if not rows:
-    raise ValueError(f"{source if not isinstance(source, (list, tuple)) else 'source'}: no"
+    raise UserInputError(f"{source if not isinstance(source, (list, tuple)) else 'source'}: no"
                      " tokens to score (empty text, or single-token documents without BOS)")
   width = _round_width(max(len(r) for r, _ in rows), seq_len)
   scores = _score_rows(model, params, rows, width=width, batch_size=batch_size,
@@ -241,20 +253,20 @@ def perplexity(
 def _read_csv(path: str) -> list[tuple[str, ...]]:
   rows = []
   with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.reader(f)
+    reader = csv.reader(_read_utf8(path, f.readlines))
     line = 1
     for record in reader:
       start, line = line, reader.line_num + 1  # a quoted field may span several lines
       if not record:
         continue
       if len(record) != 6:
-        raise ValueError(
+        raise UserInputError(
             f"{path}:{start}: expected 6 columns (question, A, B, C, D, answer), got"
             f" {len(record)}; MMLU CSVs have no header row"
         )
       answer = record[5].strip()
       if answer not in LETTERS:
-        raise ValueError(f"{path}:{start}: answer must be one of A, B, C, D, got {record[5]!r}")
+        raise UserInputError(f"{path}:{start}: answer must be one of A, B, C, D, got {record[5]!r}")
       rows.append((*record[:5], answer))
   return rows
 
@@ -278,7 +290,7 @@ def read_mmlu(folder, *, split: Optional[str] = None, subjects=None, need_dev: b
   if split is None:
     split = "test" if os.path.isdir(os.path.join(folder, "test")) else "val"
   if split not in ("test", "val"):
-    raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    raise UserInputError(f"split must be 'test' or 'val', got {split!r}")
   eval_dir = os.path.join(folder, split)
   if not os.path.isdir(eval_dir):
     raise FileNotFoundError(f"{folder}: no {split}/ subfolder; {layout}")
@@ -292,7 +304,7 @@ def read_mmlu(folder, *, split: Optional[str] = None, subjects=None, need_dev: b
     subjects = [subjects]
   unknown = [s for s in subjects if s not in found]
   if unknown:
-    raise ValueError(f"unknown subject {unknown[0]!r}; {eval_dir} has: {', '.join(found)}")
+    raise UserInputError(f"unknown subject {unknown[0]!r}; {eval_dir} has: {', '.join(found)}")
   data = {}
   for subject in sorted(subjects):
     dev = []
@@ -395,15 +407,15 @@ def multiple_choice(
   """
   _check_tokenizer(model, tokenizer)
   _check_batch_size(batch_size)
-  if not isinstance(k_shot, int) or k_shot < 0:
-    raise ValueError(f"k_shot must be a non-negative int, got {k_shot!r}")
-  if limit is not None and limit < 1:
-    raise ValueError(f"limit must be positive or None, got {limit!r}")
+  if not is_int(k_shot) or k_shot < 0:
+    raise UserInputError(f"k_shot must be a non-negative int, got {k_shot!r}")
+  if limit is not None and (not is_int(limit) or limit < 1):
+    raise UserInputError(f"limit must be a positive int or None, got {limit!r}")
   data = read_mmlu(folder, split=split, subjects=subjects, need_dev=k_shot > 0)
   for subject, (dev, _) in data.items():
     if k_shot > len(dev):
       dev_path = os.path.join(os.fspath(folder), "dev", f"{subject}_dev.csv")
-      raise ValueError(
+      raise UserInputError(
           f"k_shot={k_shot} but {dev_path} has only {len(dev)} questions; lower k_shot"
           f" to at most {len(dev)}"
       )
@@ -419,13 +431,13 @@ def multiple_choice(
         whole = tokenizer.encode(prompt + " " + letter, add_bos=add_bos, add_eos=False)
         cont = whole[len(context):]
         if not cont or len(cont) >= max_len:
-          raise ValueError(f"choice {letter!r} of {subject} question {index} has"
+          raise UserInputError(f"choice {letter!r} of {subject} question {index} has"
                            f" {len(cont)} continuation tokens; max_len={max_len}")
         whole = whole[-max_len:]
         rows.append((whole, [0.0] * (len(whole) - len(cont)) + [1.0] * len(cont)))
       questions.append((subject, index, LETTERS.index(row[5])))
   if not questions:
-    raise ValueError(f"{folder}: no questions in the selected subjects")
+    raise UserInputError(f"{folder}: no questions in the selected subjects")
   width = _round_width(max(len(r) for r, _ in rows), max_len)
   scores = _score_rows(model, params, rows, width=width, batch_size=batch_size,
                        fill=_fill_id(tokenizer)).reshape(-1, len(LETTERS))
@@ -527,16 +539,17 @@ def generate_ids(
   """:func:`generate` on token ids: the new ids of each prompt, up to (without) EOS."""
   _check_tokenizer(model, tokenizer)
   _check_batch_size(batch_size)
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-  if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-    raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+  if not is_int(max_new_tokens) or max_new_tokens < 1:
+    raise UserInputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  if not 0 <= temperature < math.inf:  # also refuses NaN
+    raise UserInputError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
+  if top_k is not None and not (is_int(top_k) and top_k >= 1):
+    raise UserInputError(f"top_k must be a positive int or None, got {top_k!r}")
+  max_new_tokens = int(max_new_tokens)  # it sets static shapes: a plain Python int
   positions = _max_positions(model)
   room = positions - max_new_tokens
   if room < 1:
-    raise ValueError(
+    raise UserInputError(
         f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's"
         f" {positions} positions; lower max_new_tokens"
     )
@@ -650,7 +663,7 @@ def exact_match(
   """
   examples = list(examples)
   if not examples:
-    raise ValueError("exact_match: no examples; the dataset is empty")
+    raise UserInputError("exact_match: no examples; the dataset is empty")
   for i, ex in enumerate(examples):
     if not (hasattr(ex, "prompt") and hasattr(ex, "response")):
       raise TypeError(f"example {i} ({type(ex).__name__}) has no .prompt/.response")

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax.errors import UserInputError
 from falqon_jax.hf import _arch
 from falqon_jax.hf import _safetensors as st
 
@@ -264,7 +265,7 @@ def save_fp8(
     module = name.rsplit(".", 1)[0]
     if isinstance(leaf, MeldedKernel):
       if leaf.scaling != "tensor":
-        raise ValueError(
+        raise UserInputError(
             f"save_fp8: {'/'.join(path)} uses scaling='row'; vLLM's fp8 format is"
             " per-tensor only: meld with scaling='tensor' or use save_bf16"
         )
@@ -280,7 +281,7 @@ def save_fp8(
     if path[-1] == "kernel" and tensors[name].ndim == 2 and path[0] != "lm_head":
       ignored.append(module)
   if not any(isinstance(l, MeldedKernel) for _, l in _flat(params)):
-    raise ValueError("save_fp8: params hold no MeldedKernel; meld first or use save_bf16")
+    raise UserInputError("save_fp8: params hold no MeldedKernel; meld first or use save_bf16")
   quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ignored}
   config = _config_dict(model, _dtype_name(others), quant)
 

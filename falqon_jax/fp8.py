@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from falqon_jax.errors import UserInputError
+
 __all__ = [
     "Format",
     "E4M3",
@@ -91,7 +93,7 @@ def get_format(fmt: FormatLike) -> Format:
   for f in FORMATS.values():
     if dtype == f.dtype:
       return f
-  raise ValueError(
+  raise UserInputError(
       f"unsupported FP8 format {fmt!r}: use fp8.E4M3, fp8.E5M2, 'e4m3' or 'e5m2'"
   )
 

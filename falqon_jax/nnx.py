@@ -39,6 +39,7 @@ from falqon_jax._meld import meld as _core_meld
 from falqon_jax._melded_dense import melded_dense
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax._proxy_update import apply_updates, proxy_update
+from falqon_jax.errors import UserInputError
 
 __all__ = ["Delta", "FP8Weight", "MeldedLinear", "Optimizer", "meld", "kernels"]
 
@@ -142,9 +143,9 @@ def meld(model: nnx.Module, rank: int = 64, *, targets=None, **meld_kwargs) -> M
       bias = linear.bias[...] if linear.bias is not None else None
       _set(model, path, MeldedLinear(tree["kernel"], bias, dtype=linear.dtype))
   if targets is not None and not melded:
-    raise ValueError(f"targets {targets!r} matched no nnx.Linear kernel")
+    raise UserInputError(f"targets {targets!r} matched no nnx.Linear kernel")
   if not melded and not skipped:
-    raise ValueError("model has no nnx.Linear layer to meld")
+    raise UserInputError("model has no nnx.Linear layer to meld")
   return MeldReport(tuple(melded), tuple(skipped))
 
 
@@ -175,7 +176,7 @@ class Optimizer(nnx.Object):
     self.tx = proxy_update(inner, **proxy_kwargs)
     ks = kernels(model)
     if not ks:
-      raise ValueError("model has no MeldedLinear: call falqon_jax.nnx.meld(model, rank) first")
+      raise UserInputError("model has no MeldedLinear: call falqon_jax.nnx.meld(model, rank) first")
     self.opt_state = OptState(self.tx.init(ks))
     self.step = OptState(jnp.zeros([], jnp.int32))
 
@@ -186,7 +187,7 @@ class Optimizer(nnx.Object):
     for path, mk in ks.items():
       key = (*path.split("/"), "delta")
       if key not in flat:
-        raise ValueError(
+        raise UserInputError(
             f"grads hold no delta for layer {path!r}; take them with"
             " nnx.grad(loss, argnums=nnx.DiffState(0, falqon_jax.nnx.Delta))"
         )

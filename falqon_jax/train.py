@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import falqon_jax
 from falqon_jax import linen as falqon_linen
 from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax.errors import UserInputError
 
 Batch = dict  # {"input_ids", "loss_mask", "attention_mask", "position_ids"}: [B, T] arrays
 
@@ -217,7 +218,7 @@ class DataParallel:
 
   def check_batch_size(self, batch_size: int) -> None:
     if batch_size % self.size:
-      raise ValueError(
+      raise UserInputError(
           f"batch size {batch_size} is not divisible by the {self.size} devices;"
           f" use a multiple of {self.size}"
       )

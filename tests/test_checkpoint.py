@@ -1,11 +1,17 @@
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import falqon_jax
 from falqon_jax import checkpoint, train
+
+# A failed orbax read leaves abandoned reads that print tracebacks later, unless silenced.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 
 
 def _state(seed=0):
@@ -54,4 +60,158 @@ def test_restore_without_checkpoint(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), identity={})
   with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
     ckpt.restore(_state())
+  ckpt.close()
+
+
+# --------------------------------------------------------------- damaged checkpoints
+
+_IDENTITY = {"model": "m", "rank": 16}
+
+
+def _step_state(step):
+  """A state whose ``.step`` is the checkpoint step and whose values differ per step."""
+  return _state(seed=step)._replace(step=jnp.asarray(step, jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def _written(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("written")
+  ckpt = checkpoint.Checkpointer(str(folder), identity=_IDENTITY)
+  for step in (1, 2):
+    ckpt.save(step, _step_state(step), data_state={"step": step}, wait=True)
+  ckpt.close()
+  return folder
+
+
+@pytest.fixture
+def run(_written, tmp_path):
+  """A fresh copy of a folder of real checkpoints of steps 1 and 2."""
+  return shutil.copytree(_written, tmp_path / "run")
+
+
+def _array_data(step_dir):
+  """The largest of orbax's ocdbt data files: it holds the array chunks."""
+  return max((step_dir / "state").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  f = _array_data(step_dir)
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(step_dir):
+  # Mid-chunk bytes of the zstd stream: orbax decodes them without an error.
+  f = _array_data(step_dir)
+  b = bytearray(f.read_bytes())
+  for i in range(len(b) // 2, len(b) // 2 + 4):
+    b[i] ^= 0xFF
+  f.write_bytes(bytes(b))
+
+
+def _empty(*parts):
+  return lambda step_dir: step_dir.joinpath(*parts).write_bytes(b"")
+
+
+def _bump_data_position(step_dir):
+  f = step_dir / "data" / "metadata"
+  f.write_bytes(f.read_bytes().replace(b"2", b"3"))  # still valid JSON, wrong position
+
+
+_DAMAGE = {
+    "truncated array data": _truncate,
+    "flipped bytes in array data": _flip,
+    "emptied state metadata": _empty("state", "_METADATA"),
+    "emptied data position": _empty("data", "metadata"),
+    "emptied identity": _empty("identity", "metadata"),
+    "changed data position": _bump_data_position,
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_damaged_latest_falls_back_to_the_newest_that_restores(run, damage):
+  _DAMAGE[damage](run / "2")
+  ckpt = checkpoint.Checkpointer(str(run), identity=_IDENTITY)
+  assert ckpt.latest_step() == 2
+  with pytest.warns(RuntimeWarning) as caught:
+    restored, data_state = ckpt.restore(_state(seed=5))
+  [msg] = [str(w.message) for w in caught if str(run / "2") in str(w.message)]
+  assert "step 2" in msg and "step 1" in msg and "\n" not in msg
+  assert int(restored.step) == 1 and ckpt.restored_step == 1 and data_state == {"step": 1}
+  assert _bytes(restored) == _bytes(_step_state(1))
+  ckpt.close()
+
+
+def test_no_restorable_checkpoint_is_a_one_line_error(run):
+  _truncate(run / "2")
+  _flip(run / "1")
+  ckpt = checkpoint.Checkpointer(str(run), identity=_IDENTITY)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.restore(_state(seed=5))
+  msg = str(e.value)
+  assert "\n" not in msg and str(run) in msg and "--output_dir" in msg
+  ckpt.close()
+
+
+def test_damaged_explicit_step_is_a_one_line_error_without_fallback(run, recwarn):
+  _truncate(run / "2")
+  ckpt = checkpoint.Checkpointer(str(run), identity=_IDENTITY)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.restore(_state(seed=5), step=2)
+  assert "\n" not in str(e.value) and str(run / "2") in str(e.value)
+  assert not [w for w in recwarn if "instead" in str(w.message)]
+  restored, _ = ckpt.restore(_state(seed=5), step=1)
+  assert _bytes(restored) == _bytes(_step_state(1))
+  ckpt.close()
+
+
+def test_run_mismatch_is_not_taken_for_damage(run):
+  # Guard: with a damaged latest, a run mismatch must still stop at once, not fall back.
+  _truncate(run / "2")
+  other = checkpoint.Checkpointer(str(run), identity={**_IDENTITY, "rank": 32})
+  with pytest.raises(checkpoint.ResumeMismatchError, match="rank: saved 16, now 32"):
+    other.restore(_state(seed=5))
+  other.close()
+
+
+def test_saving_after_a_fallback_sets_the_damaged_step_aside(run):
+  _truncate(run / "2")
+  ckpt = checkpoint.Checkpointer(str(run), identity=_IDENTITY)
+  with pytest.warns(RuntimeWarning):
+    state, _ = ckpt.restore(_state(seed=5))
+  with pytest.warns(RuntimeWarning, match="aside"):
+    ckpt.save(2, _step_state(2), data_state={"step": 2}, wait=True)
+  assert (run / "2.corrupt" / "state").is_dir()  # kept for the user, not deleted
+  restored, data_state = ckpt.restore(_state(seed=5))
+  assert ckpt.restored_step == 2 and data_state == {"step": 2}
+  assert _bytes(restored) == _bytes(_step_state(2))
+  ckpt.close()
+
+
+def test_checkpoints_without_checksums_still_restore(tmp_path):
+  # Guard: a folder written before checksums were saved (the same three orbax items).
+  state = _step_state(4)
+  manager = ocp.CheckpointManager(str(tmp_path))
+  manager.save(4, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"step": 4}),
+      identity=ocp.args.JsonSave(_IDENTITY)))
+  manager.wait_until_finished()
+  manager.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), identity=_IDENTITY)
+  restored, data_state = ckpt.restore(_state(seed=5))
+  assert data_state == {"step": 4} and _bytes(restored) == _bytes(state)
+  ckpt.close()
+
+
+def test_sharded_state_round_trips(tmp_path):
+  # Each sharded leaf is checksummed with an all-reduce: many of those in flight together
+  # deadlock the CPU backend, so this also guards that they run one at a time.
+  rows = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)),
+                                    jax.sharding.PartitionSpec("d"))
+  tree = lambda seed: jax.device_put(
+      {f"w{i}": jax.random.normal(jax.random.key(100 * seed + i), (64, 16)) for i in range(64)},
+      rows)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), identity={})
+  ckpt.save(1, tree(1), data_state={}, wait=True)
+  restored, _ = ckpt.restore(tree(0))
+  assert _bytes(restored) == _bytes(tree(1)) and restored["w0"].sharding == rows
   ckpt.close()

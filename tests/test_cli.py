@@ -219,3 +219,82 @@ def test_lr_default_depends_on_the_task():
   own = finetune.resolve_defaults(FinetuneConfig(model="m", data="d.json"))
   assert own.lr == finetune.DEFAULT_LR
   assert finetune.resolve_defaults(FinetuneConfig(lr=0.5)).lr == 0.5  # given: kept
+
+
+def _help_entries(text):
+  """``{flag: its help text}`` from argparse's options listing, wrapped lines joined."""
+  entries, name = {}, None
+  for line in text.split("options:", 1)[1].splitlines():
+    if line.startswith("  -"):
+      name = line.split()[0].rstrip(",")
+      entries[name] = line
+    elif name:
+      entries[name] += " " + line.strip()
+  return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def test_finetune_help_lists_every_flag_with_meaning_and_default(capsys, monkeypatch):
+  import dataclasses
+
+  monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: each help text appears whole
+  with pytest.raises(SystemExit) as info:
+    cli.main(["finetune", "--help"])
+  assert info.value.code == 0
+  entries = _help_entries(capsys.readouterr().out)
+  for f in dataclasses.fields(FinetuneConfig):
+    entry = entries.get("--" + f.name, "")
+    default = "none" if f.default is None else (
+        str(f.default).lower() if isinstance(f.default, bool) else f.default)
+    assert f"{f.metadata['help']} (default: {default})" in entry, (f.name, entry)
+  assert "(default: 16)" in entries["--rank"] and "(default: none)" in entries["--lr"]
+
+
+def test_finetune_flags_take_bool_values_and_override_the_config_file(tmp_path):
+  (tmp_path / "run.yaml").write_text("rank: 32\npack: true\nremat: true\nsteps: 50\n")
+  parser = cli.build_parser()
+  args, rest = parser.parse_known_args(["finetune", "--config", str(tmp_path / "run.yaml")])
+  cfg = cli.finetune_config(args, rest)
+  assert (cfg.rank, cfg.pack, cfg.remat, cfg.steps, cfg.lr) == (32, True, True, 50, None)
+  args, rest = parser.parse_known_args(["finetune", "--config", str(tmp_path / "run.yaml"),
+                                        "--pack", "false", "--no-remat", "--fsdp",
+                                        "--progress", "no", "--steps", "7"])
+  cfg = cli.finetune_config(args, rest)
+  assert (cfg.rank, cfg.pack, cfg.remat, cfg.fsdp, cfg.progress, cfg.steps) == (
+      32, False, False, True, False, 7)
+  args, rest = parser.parse_known_args(["finetune", "--pack", "true", "--resume", "TRUE"])
+  cfg = cli.finetune_config(args, rest)
+  assert cfg.pack and cfg.resume
+
+
+@pytest.mark.parametrize("args,key", [
+    (["--max_grad_norm", "-1"], "max_grad_norm"),
+    (["--lr", "nan"], "lr"),
+    (["--pack", "5"], "pack"),
+])
+def test_finetune_rejects_bad_values_in_one_line(tmp_path, capsys, args, key):
+  # --model: should a bad value slip through, the run stops at the missing model.
+  out = tmp_path / "run"
+  assert cli.main(["finetune", "--output_dir", str(out), "--model", str(tmp_path / "none"),
+                   *args]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"config key {key!r}" in err[0], err
+  assert not out.exists()
+
+
+def test_filesystem_errors_are_one_line(tmp_path, capsys, monkeypatch):
+  def read_folder(args):
+    open(args.folder).read()  # a real IsADirectoryError from the OS
+
+  monkeypatch.setattr(cli, "_eval", read_folder)
+  assert cli.main(["eval", str(tmp_path)]) == 2
+  assert capsys.readouterr().err == f"falqon-jax eval: error: {tmp_path}: Is a directory\n"
+
+
+@pytest.mark.parametrize("bug", [TypeError("bug"), ValueError("bug")])
+def test_bugs_keep_their_traceback(monkeypatch, bug):
+  def broken(args):
+    raise bug
+
+  monkeypatch.setattr(cli, "_generate", broken)
+  with pytest.raises(type(bug), match="bug"):
+    cli.main(["generate", "folder", "prompt"])

@@ -376,7 +376,7 @@ def test_batches_errors():
     Batches(examples, batch_size=6, process_count=4)
   with pytest.raises(DataError, match="process_index must be in"):
     Batches(examples, batch_size=4, process_index=2, process_count=2)
-  with pytest.raises(DataError, match="10 examples are, fewer than one global batch of 16"):
+  with pytest.raises(DataError, match="10 examples are fewer than one global batch of 16"):
     Batches(examples, batch_size=16)
   with pytest.raises(DataError, match="fewer than one global batch of 8"):
     Batches(examples, batch_size=8, pack=True)

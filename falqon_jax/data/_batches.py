@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from falqon_jax._melded_kernel import is_int
 from falqon_jax.data._examples import Example
 from falqon_jax.data._tokenizer import ByteTokenizer, DataError
 
@@ -25,9 +26,9 @@ TRUNCATION_SIDES = ("left", "right")
 
 
 def _check_lengths(source_max_len, target_max_len, truncation_side):
-  if not (isinstance(source_max_len, int) and source_max_len >= 1):
+  if not (is_int(source_max_len) and source_max_len >= 1):
     raise DataError(f"source_max_len must be an int >= 1, got {source_max_len!r}")
-  if not (isinstance(target_max_len, int) and target_max_len >= 1):
+  if not (is_int(target_max_len) and target_max_len >= 1):
     raise DataError(f"target_max_len must be an int >= 1, got {target_max_len!r}")
   if truncation_side not in TRUNCATION_SIDES:
     raise DataError(f"truncation_side must be one of {TRUNCATION_SIDES}, got {truncation_side!r}")
@@ -240,20 +241,20 @@ class Batches:
       process_count: int = 1,
       state: Optional[dict] = None,
   ):
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
       raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not (isinstance(process_count, int) and process_count >= 1):
+    if not (is_int(process_count) and process_count >= 1):
       raise DataError(f"process_count must be a positive int, got {process_count!r}")
-    if not (isinstance(process_index, int) and 0 <= process_index < process_count):
+    if not (is_int(process_index) and 0 <= process_index < process_count):
       raise DataError(f"process_index must be in [0, {process_count}), got {process_index!r}")
     if batch_size % process_count:
       raise DataError(
           f"global batch_size {batch_size} is not divisible by process_count {process_count};"
           f" use a multiple of {process_count}"
       )
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
       raise DataError(f"seed must be a non-negative int, got {seed!r}")
-    if not isinstance(group_size, int) or group_size < 1:
+    if not is_int(group_size) or group_size < 1:
       raise DataError(f"group_size must be a positive int, got {group_size!r}")
     examples = list(examples)
     if not examples:
@@ -288,17 +289,18 @@ class Batches:
           f"an example has {self._lengths.max()} tokens, more than pack_length"
           f" {self.pack_length}; raise pack_length"
       )
-    self.batch_size, self.seed = batch_size, int(seed)
-    self.group_by_length, self.group_size = bool(group_by_length), group_size
-    self.process_index, self.process_count = process_index, process_count
-    self._local = batch_size // process_count
+    # Python ints: batch_size and seed go into the JSON-able state().
+    self.batch_size, self.seed = int(batch_size), int(seed)
+    self.group_by_length, self.group_size = bool(group_by_length), int(group_size)
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self._local = self.batch_size // self.process_count
     self._epoch, self._step, self._plan_cache = 0, 0, (None, None)
     self._fingerprint = zlib.crc32(self._lengths.tobytes())  # same data, same lengths
     if not self._plan(0):
       what = (f"packing {len(self._data)} examples into rows of {self.pack_length} tokens gives"
-              f" {len(self._rows(0))} rows" if self.pack else f"{len(self._data)} examples are")
+              f" {len(self._rows(0))} rows," if self.pack else f"{len(self._data)} examples are")
       raise DataError(
-          f"{what}, fewer than one global batch of {batch_size}; lower batch_size or add data"
+          f"{what} fewer than one global batch of {batch_size}; lower batch_size or add data"
       )
     if state is not None:
       self.restore(state)

@@ -13,8 +13,10 @@ import os
 import re
 from typing import Optional, Sequence
 
+from falqon_jax.errors import UserInputError
 
-class DataError(ValueError):
+
+class DataError(UserInputError):
   """Bad data or tokenizer input. The message is one line naming the problem and the fix."""
 
 

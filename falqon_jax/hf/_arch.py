@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import jax
 
+from falqon_jax.errors import UserInputError
+
 ARCHITECTURES = {
     "llama": "FlaxLlamaForCausalLM",
     "mistral": "FlaxMistralForCausalLM",
@@ -25,7 +27,7 @@ _LEAF_TO_PT = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 
 def check_model_type(model_type: Optional[str], where: str) -> str:
   if model_type not in ARCHITECTURES:
-    raise ValueError(
+    raise UserInputError(
         f"{where}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}"
     )
   return model_type

@@ -14,6 +14,7 @@ import numpy as np
 from falqon_jax import linen as _linen
 from falqon_jax._meld import MeldReport, _matcher
 from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax.errors import UserInputError
 from falqon_jax.hf import _arch
 from falqon_jax.hf import _safetensors as st
 
@@ -43,20 +44,30 @@ def read_config(folder: str) -> dict:
     raise FileNotFoundError(
         f"{folder}: no config.json; a HF model folder needs config.json and weights"
     )
-  with open(path) as f:
-    config = json.load(f)
+  config = _read_json(path)
   _arch.check_model_type(config.get("model_type"), path)
   return config
+
+
+def _read_json(path: str) -> dict:
+  """A JSON object from a file; a damaged file is a one-line user error."""
+  with open(path) as f:
+    try:
+      value = json.load(f)
+    except ValueError as e:  # also a file that is not UTF-8
+      raise UserInputError(f"{path}: not valid JSON ({e}); repair or regenerate it") from None
+  if not isinstance(value, dict):
+    raise UserInputError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
 
 
 def weight_files(folder: str) -> list[str]:
   """The safetensors shards of a folder (from the index file when there is one)."""
   index = os.path.join(folder, INDEX)
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
+    weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f"{index}: no weight_map; regenerate the index file")
+      raise UserInputError(f"{index}: no weight_map; regenerate the index file")
     files = sorted(set(weight_map.values()))
     for name in files:
       if not os.path.isfile(os.path.join(folder, name)):
@@ -147,7 +158,7 @@ class _Melder:
     if self.rank is None:
       return None
     if self.targets is not None and not self.melded:
-      raise ValueError(f"targets {self.targets!r} matched no kernel")
+      raise UserInputError(f"targets {self.targets!r} matched no kernel")
     return MeldReport(tuple(self.melded), tuple(self.skipped))
 
 
@@ -209,7 +220,7 @@ def load(
       if key not in by_name:
         if _arch.IGNORED.search(name):
           continue
-        raise ValueError(
+        raise UserInputError(
             f"{fname}: unexpected tensor {name!r}, not in {type(model).__name__}; is the"
             " config.json model_type right?"
         )
@@ -217,14 +228,14 @@ def load(
       want = tuple(expected[path].shape)
       if arr.dtype == st.DTYPES["F8_E4M3"]:
         if arr.shape != (want[1], want[0]):
-          raise ValueError(
+          raise UserInputError(
               f"{fname}: FP8 tensor {name!r} has shape {arr.shape}, expected {(want[1], want[0])}"
           )
         fp8_weights[key] = (path, np.array(arr), fname)
         continue
       value = arr.T if _arch.needs_transpose(path, arr.ndim) else arr
       if value.shape != want:
-        raise ValueError(
+        raise UserInputError(
             f"{fname}: tensor {name!r} has shape {arr.shape}, expected"
             f" {want[::-1] if _arch.needs_transpose(path, arr.ndim) else want}"
             f" for {'/'.join(path)}; the checkpoint does not match config.json"
@@ -233,7 +244,7 @@ def load(
       flat[path] = melder(path, value)
   for key, (path, q, fname) in fp8_weights.items():
     if key not in scales and key.split(".", 1)[-1] not in scales:
-      raise ValueError(f"{fname}: FP8 tensor {key!r} has no {key}_scale; re-export the model")
+      raise UserInputError(f"{fname}: FP8 tensor {key!r} has no {key}_scale; re-export the model")
     ws = scales.get(key, scales.get(key.split(".", 1)[-1]))
     kernel_type = MeldedKernel
     if _arch.stored_transposed(model_type, path):  # GPT-2 Conv1D: (in, out) on disk
@@ -249,7 +260,7 @@ def load(
   _fill_tied(flat, expected, config, prefix)
   missing = [p for p in expected if p not in flat]
   if missing:
-    raise ValueError(
+    raise UserInputError(
         f"{folder}: tensor {_arch.pt_name(missing[0])!r} is missing from the checkpoint"
         f" ({len(missing)} missing in all); the weights do not match config.json"
     )
@@ -280,9 +291,9 @@ def _load_msgpack(folder, model, melder, param_dtype):
   flat = {}
   for p, want in expected.items():
     if p not in got:
-      raise ValueError(f"{path}: tensor {'/'.join(p)!r} is missing")
+      raise UserInputError(f"{path}: tensor {'/'.join(p)!r} is missing")
     if tuple(got[p].shape) != tuple(want.shape):
-      raise ValueError(
+      raise UserInputError(
           f"{path}: tensor {'/'.join(p)!r} has shape {tuple(got[p].shape)}, expected"
           f" {tuple(want.shape)}"
       )

@@ -16,6 +16,8 @@ from typing import Iterator, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from falqon_jax.errors import UserInputError
+
 DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -39,14 +41,16 @@ def read_header(path: str) -> dict:
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+      raise UserInputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", raw)
     if n > _MAX_HEADER:
-      raise ValueError(f"{path}: not a safetensors file (header length {n})")
+      raise UserInputError(f"{path}: not a safetensors file (header length {n})")
     try:
       header = json.loads(f.read(n))
     except ValueError as e:
-      raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+      raise UserInputError(f"{path}: corrupt safetensors header ({e})") from None
+  if not isinstance(header, dict):
+    raise UserInputError(f"{path}: corrupt safetensors header (not a JSON object)")
   header.pop("__metadata__", None)
   return header
 
@@ -63,12 +67,12 @@ def iter_tensors(path: str, names: Optional[set] = None) -> Iterator[tuple[str, 
       continue
     dtype = DTYPES.get(info["dtype"])
     if dtype is None:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+      raise UserInputError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
     begin, end = info["data_offsets"]
     shape = tuple(info["shape"])
     count = int(np.prod(shape, dtype=np.int64))
     if end - begin != count * dtype.itemsize or start + end > size:
-      raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets (truncated file?)")
+      raise UserInputError(f"{path}: tensor {name!r} has inconsistent offsets (truncated file?)")
     if count == 0:
       yield name, np.zeros(shape, dtype)
       continue

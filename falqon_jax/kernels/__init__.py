@@ -30,6 +30,7 @@ import numpy as np
 
 from falqon_jax import fp8
 from falqon_jax._melded_kernel import is_int
+from falqon_jax.errors import UserInputError
 from falqon_jax.kernels import _dispatch
 from falqon_jax.kernels._dispatch import IMPLEMENTATIONS, KernelUnavailableError
 from falqon_jax.kernels.row_merge import merge_pallas, merge_reference
@@ -53,7 +54,7 @@ def _check_block_shape(block_shape):
     return None
   block_shape = tuple(int(b) for b in block_shape)
   if len(block_shape) != 2 or any(b < 1 or b & (b - 1) for b in block_shape):
-    raise ValueError(f"block_shape must be two powers of two, got {block_shape}")
+    raise UserInputError(f"block_shape must be two powers of two, got {block_shape}")
   return block_shape
 
 
@@ -90,7 +91,7 @@ def quantize(
   if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     raise TypeError(f"quantize needs a bf16/f16/f32 array, got dtype {x.dtype}")
   if axis not in (None, -1, 1):
-    raise ValueError(f"axis must be None (per tensor) or -1 (per row), got {axis!r}")
+    raise UserInputError(f"axis must be None (per tensor) or -1 (per row), got {axis!r}")
   per_row = axis is not None
   if amax is not None:
     amax = jnp.asarray(amax)
@@ -122,7 +123,7 @@ def select_rows(delta: jax.Array, k: int) -> jax.Array:
   if not hasattr(delta, "ndim") or delta.ndim != 2:
     raise ValueError(f"delta must be a 2-D (out, rank) array, got {getattr(delta, 'shape', delta)}")
   if not is_int(k) or not 1 <= k <= delta.shape[0]:
-    raise ValueError(f"k must be an int in [1, rows] = [1, {delta.shape[0]}], got {k!r}")
+    raise UserInputError(f"k must be an int in [1, rows] = [1, {delta.shape[0]}], got {k!r}")
   return _merge.select_rows(delta, int(k))
 
 
@@ -133,7 +134,7 @@ def _check_merge(qweight, scale, delta, rows, out_features, scaling, rounding, k
         f" {getattr(qweight, 'dtype', type(qweight))}{tuple(getattr(qweight, 'shape', ()))}"
     )
   if not is_int(out_features) or not 1 <= out_features < qweight.shape[0]:
-    raise ValueError(
+    raise UserInputError(
         f"out_features must be an int in [1, {qweight.shape[0] - 1}] for qweight of shape"
         f" {tuple(qweight.shape)}, got {out_features!r}"
     )
@@ -146,7 +147,7 @@ def _check_merge(qweight, scale, delta, rows, out_features, scaling, rounding, k
   if not jnp.issubdtype(delta.dtype, jnp.floating):
     raise TypeError(f"delta must be floating, got dtype {delta.dtype}")
   if scaling not in ("tensor", "row"):
-    raise ValueError(f"scaling must be 'tensor' or 'row', got {scaling!r}")
+    raise UserInputError(f"scaling must be 'tensor' or 'row', got {scaling!r}")
   want = () if scaling == "tensor" else (qweight.shape[0],)
   if getattr(scale, "dtype", None) != jnp.float32 or tuple(scale.shape) != want:
     raise ValueError(

@@ -18,6 +18,8 @@ from typing import Callable, Sequence, Union
 
 import jax
 
+from falqon_jax.errors import UserInputError
+
 IMPLEMENTATIONS = ("xla", "pallas")
 Implementation = Union[str, Sequence[str]]
 
@@ -35,10 +37,10 @@ def normalize(implementation: Implementation) -> tuple[str, ...]:
   """Validates ``implementation`` and returns it as a non-empty tuple of names."""
   names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
   if not names:
-    raise ValueError(f"implementation must name at least one of {IMPLEMENTATIONS}")
+    raise UserInputError(f"implementation must name at least one of {IMPLEMENTATIONS}")
   for n in names:
     if n not in IMPLEMENTATIONS:
-      raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {n!r}")
+      raise UserInputError(f"implementation must be one of {IMPLEMENTATIONS}, got {n!r}")
   return names
 
 
