@@ -105,11 +105,13 @@ def _eval(args) -> None:
     if not args.verbose:
       results["mmlu"].pop("per_subject", None)
   if args.builtin:
-    seed = (cfg.seed if cfg else 0) + 1
-    examples = data_lib.synthetic_task(args.limit or 200, seed=seed)
-    em = eval_lib.exact_match(model, params, tokenizer, examples, max_new_tokens=8,
-                              match=data_lib.exact_match)
-    results["builtin"] = {k: v for k, v in em.items() if k != "samples"}
+    from falqon_jax import finetune
+
+    seed = (cfg.seed if cfg else 0) + 1  # the run's held-out examples
+    examples = data_lib.synthetic_task(args.limit or 200, seed=seed,
+                                       kinds=finetune.BUILTIN_TASK_KINDS)
+    results["builtin"] = {"n": len(examples), **finetune.builtin_exact_match(
+        model, params, tokenizer, examples)}
   if args.generate:
     results["samples"] = dict(zip(args.generate, eval_lib.generate(
         model, params, tokenizer, args.generate, max_new_tokens=args.max_new_tokens)))

@@ -73,7 +73,7 @@ class FinetuneConfig:
   batch_size: int = _field(32, "examples per step, over all devices", ge=1)
   grad_accum: int = _field(1, "micro-batches averaged into each optimizer update", ge=1)
   lr: Optional[float] = _field(
-      None, "peak learning rate; none: 1e-2 for the built-in model and task, else 2e-3", gt=0)
+      None, "peak learning rate; none: 3e-3 for the built-in model and task, else 2e-3", gt=0)
   lr_schedule: str = _field("constant", "learning-rate schedule after the warmup")
   warmup_steps: int = _field(0, "linear warmup steps from 0 to lr; fewer than steps", ge=0)
   weight_decay: float = _field(0.0, "AdamW weight decay", ge=0)

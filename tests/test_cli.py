@@ -191,6 +191,16 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_model_dir):
   subprocess.run(base + ["--output_dir", killed, "--resume"], check=True, env=env, capture_output=True)
   assert reference.wait(timeout=600) == 0
   assert _checkpoint_leaves(killed, 24) == _checkpoint_leaves(straight, 24)
+  # One true record: each step's row once, with the straight run's losses (the same
+  # program on the same data: log and save intervals line up); tokens of the whole run.
+  rows = {name: [json.loads(l) for l in open(os.path.join(name, "metrics.jsonl"))]
+          for name in (straight, killed)}
+  assert [r["step"] for r in rows[killed]] == [r["step"] for r in rows[straight]]
+  assert [r["loss"] for r in rows[killed]] == pytest.approx([r["loss"] for r in rows[straight]])
+  summaries = {name: json.loads(open(os.path.join(name, "summary.json")).read())
+               for name in (straight, killed)}
+  assert summaries[killed]["tokens"] == summaries[straight]["tokens"]
+  assert summaries[killed]["resumed_from"] == max(done)
 
 
 @pytest.mark.slow
@@ -298,3 +308,57 @@ def test_bugs_keep_their_traceback(monkeypatch, bug):
   monkeypatch.setattr(cli, "_generate", broken)
   with pytest.raises(type(bug), match="bug"):
     cli.main(["generate", "folder", "prompt"])
+
+
+@pytest.mark.parametrize("where,msg", [("file", "is a file"), ("file/run", "cannot be created")])
+def test_unusable_output_dir_fails_in_one_line_before_any_work(tmp_path, capsys, where, msg):
+  (tmp_path / "file").write_text("mine")
+  assert cli.main(["finetune", "--output_dir", str(tmp_path / where), *TINY]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and msg in err[0], err
+  assert "built-in base" not in captured.out  # refused before the base pretraining
+  assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_second_finetune_on_a_busy_run_folder_is_refused(tmp_path, capsys):
+  from falqon_jax._run_folder import RunFolder
+
+  with RunFolder(str(tmp_path / "run")):
+    assert cli.main(["finetune", "--output_dir", str(tmp_path / "run"), *TINY]) == 2
+  assert f"in use by another run (pid {os.getpid()})" in capsys.readouterr().err
+
+
+def test_resume_keeps_one_true_record(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert cli.main(["finetune", "--output_dir", str(out), *TINY, "--lr", "0.01", "--resume"]) == 0
+  assert "no checkpoint in" in capsys.readouterr().out  # --resume on a new folder says so
+  first = json.loads((out / "summary.json").read_text())
+  with open(out / "metrics.jsonl", "a") as f:  # logged after the last checkpoint, then a crash
+    f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
+  assert cli.main(["finetune", "--output_dir", str(out), *TINY, "--steps", "8", "--lr", "0.05",
+                   "--resume"]) == 0
+  assert "resuming with changed settings: steps 6 -> 8, lr 0.01 -> 0.05" in capsys.readouterr().out
+  # A plain --resume continues with the run's own settings, not the defaults.
+  assert cli.main(["finetune", "--output_dir", str(out), "--steps", "10", "--resume",
+                   "--no-progress"]) == 0
+  rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [0, 2, 4, 6, 8, 10]
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["before"] == first["before"] and summary["before"] is not None
+  assert summary["tokens"] > first["tokens"] and summary["resumed_from"] == 8
+  history = [json.loads(l) for l in (out / "config_history.jsonl").read_text().splitlines()]
+  assert [(h["start_step"], h["config"]["lr"], h["config"]["rank"]) for h in history] == [
+      (0, 0.01, 8), (6, 0.05, 8), (8, 0.05, 8)]
+
+
+def test_logged_train_loss_is_the_token_weighted_mean_since_the_last_row():
+  import jax.numpy as jnp
+  from falqon_jax.finetune import _Interval
+
+  interval = _Interval()
+  interval.add({"loss": jnp.float32(1.0), "tokens": jnp.float32(10), "skipped": jnp.int32(0)}, 10)
+  interval.add({"loss": jnp.float32(4.0), "tokens": jnp.float32(30), "skipped": jnp.int32(1)}, 30)
+  row = interval.row()
+  assert row["loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40) and row["skipped"] == 1
+  assert row["steps"] == 2 and row["tokens_per_s"] > 0

@@ -25,6 +25,7 @@ from falqon_jax.data import (
     load_examples,
     load_tokenizer,
     segment_mask,
+    synthetic_kind,
     synthetic_task,
     tokenize_example,
     tokenize_examples,
@@ -406,18 +407,18 @@ def test_synthetic_task_deterministic_and_short():
   assert a != synthetic_task(300, seed=4)
   assert max(len(e.prompt.encode()) for e in a) <= 15
   assert max(len(e.response.encode()) for e in a) <= 6
-  kinds = {"add": 0, "copy": 0, "reverse": 0, "recall": 0}
+  kinds = {"add": 0, "copy": 0, "reverse": 0, "recall": 0, "last": 0}
   for e in a:
     if "+" in e.prompt:
       x, y = e.prompt[:-1].split("+")
       assert int(e.response) == int(x) + int(y)
       kinds["add"] += 1
-    elif e.prompt.startswith(("copy ", "reverse ")):
-      word = e.prompt.split()[1][:-1]
-      rev = e.prompt.startswith("reverse")
-      assert e.response == (word[::-1] if rev else word)
-      kinds["reverse" if rev else "copy"] += 1
+    elif e.prompt.startswith(("copy ", "reverse ", "last ")):
+      kind, word = e.prompt[:-1].split()
+      assert e.response == {"copy": word, "reverse": word[::-1], "last": word[-1]}[kind]
+      kinds[kind] += 1
     else:
+      assert synthetic_kind(e) == "recall"
       *pairs, query = e.prompt.split()
       assert dict(p.split("=") for p in pairs)[query[:-1]] == e.response
       kinds["recall"] += 1

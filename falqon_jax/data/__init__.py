@@ -41,6 +41,7 @@ from falqon_jax.data._examples import (
     load_examples,
     oasst_examples,
     render_chat_fallback,
+    synthetic_kind,
     synthetic_task,
 )
 from falqon_jax.data._tokenizer import ByteTokenizer, DataError, HFTokenizer, load_tokenizer
@@ -66,6 +67,7 @@ __all__ = [
     "oasst_examples",
     "render_chat_fallback",
     "segment_mask",
+    "synthetic_kind",
     "synthetic_task",
     "tokenize_example",
     "tokenize_examples",

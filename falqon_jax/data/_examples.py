@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from falqon_jax._melded_kernel import is_int
 from falqon_jax.data._tokenizer import DataError, looks_like_hub_name
 
 
@@ -251,7 +252,7 @@ def load_examples(
   """
   if format not in FORMATS:
     raise DataError(f"format must be one of {FORMATS}, got {format!r}")
-  if limit is not None and (not isinstance(limit, int) or limit < 1):
+  if limit is not None and (not is_int(limit) or limit < 1):
     raise DataError(f"limit must be a positive int or None, got {limit!r}")
   ds, where = _load_rows(source, split)
   columns = list(ds.column_names)
@@ -282,7 +283,7 @@ def load_examples(
   return examples
 
 
-SYNTHETIC_KINDS = ("add", "copy", "reverse", "recall")
+SYNTHETIC_KINDS = ("add", "copy", "reverse", "recall", "last")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -294,8 +295,8 @@ def synthetic_task(
   Kinds (each example draws one uniformly):
 
   * ``add``: ``"12+35="`` -> ``"47"`` (two numbers in 0..99);
-  * ``copy``: ``"copy kqz:"`` -> ``"kqz"``; ``reverse``: ``"reverse kqz:"`` -> ``"zqk"``
-    (3 to 6 lowercase letters);
+  * ``copy``: ``"copy kqz:"`` -> ``"kqz"``; ``reverse``: ``"reverse kqz:"`` -> ``"zqk"``;
+    ``last``: ``"last kqz:"`` -> ``"z"`` (3 to 6 lowercase letters);
   * ``recall``: ``"a=4 q=1 m=7 q?"`` -> ``"1"`` (three distinct keys, digit values).
 
   Every prompt is at most 15 bytes, so with the byte tokenizer BOS + prompt fits the
@@ -310,7 +311,7 @@ def synthetic_task(
   bad = [k for k in kinds if k not in SYNTHETIC_KINDS]
   if bad or not kinds:
     raise DataError(f"kinds must be a non-empty subset of {SYNTHETIC_KINDS}, got {kinds}")
-  if not isinstance(n, (int, np.integer)) or n < 0:
+  if not is_int(n) or n < 0:
     raise DataError(f"n must be a non-negative int, got {n!r}")
   rng = np.random.default_rng(seed)
   out = []
@@ -319,9 +320,10 @@ def synthetic_task(
     if kind == "add":
       a, b = (int(v) for v in rng.integers(0, 100, size=2))
       out.append(Example(f"{a}+{b}=", str(a + b)))
-    elif kind in ("copy", "reverse"):
+    elif kind in ("copy", "reverse", "last"):
       word = "".join(rng.choice(list(_LETTERS), size=int(rng.integers(3, 7))))
-      out.append(Example(f"{kind} {word}:", word if kind == "copy" else word[::-1]))
+      answer = {"copy": word, "reverse": word[::-1], "last": word[-1]}[kind]
+      out.append(Example(f"{kind} {word}:", answer))
     else:
       keys = rng.choice(list(_LETTERS), size=3, replace=False)
       values = rng.integers(0, 10, size=3)
@@ -329,6 +331,18 @@ def synthetic_task(
       pairs = " ".join(f"{k}={v}" for k, v in zip(keys, values))
       out.append(Example(f"{pairs} {keys[query]}?", str(values[query])))
   return out
+
+
+def synthetic_kind(example: Example) -> str:
+  """Which kind of :func:`synthetic_task` ``example`` is.
+
+  >>> [synthetic_kind(e) for e in synthetic_task(4, seed=1)]
+  ['reverse', 'last', 'copy', 'last']
+  """
+  first = example.prompt.split(" ", 1)[0]
+  if first in ("copy", "reverse", "last"):
+    return first
+  return "add" if "+" in example.prompt else "recall"
 
 
 _INT = re.compile(r"[+-]?\d+")
