@@ -467,7 +467,7 @@ def _plot(history: list, before: Optional[dict], path: str) -> None:
     return
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot([r["step"] for r in history], [r["loss"] for r in history],
-          label="train loss (mean since the previous point)")
+          label="train loss (mean over each interval)")
   evals = [r for r in history if "eval_loss" in r]
   if before:
     evals = [{"step": 0, **before}] + evals
@@ -482,8 +482,8 @@ def _plot(history: list, before: Optional[dict], path: str) -> None:
              label="exact match")
     ax2.set_ylabel("exact match")
     ax2.set_ylim(0, 1)
-    ax2.legend(loc="upper center")
-  ax.legend(loc="upper right")
+  handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+  ax.legend(handles=handles, loc="center right")  # one legend: two would overlap
   ax.set_title("FALQON fine-tuning")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
