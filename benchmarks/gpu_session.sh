@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]
 #
 # Stages (rough H100 minutes, compile included):
-#   check   GPU tests (cuBLASLt FP8 calls, Triton-compiled kernels bit-exact, in-place
+#   check   GPU tests (cuBLASLt FP8 calls, Triton-compiled kernels matching their references, in-place
 #           merges) + benchmarks/kernels.py (issue 3) + merge_cost.py          ~4
 #   layer   step_time.py layer scope: 3 LLaMA-7B linears x 6 methods             ~3
 #   model   7B shape at 4 and 8 layers: bf16-lora, falqon, CLI-default falqon    ~7

@@ -322,7 +322,8 @@ def _run(config: FinetuneConfig, dp, folder: RunFolder) -> dict:
     _log("resuming with changed settings: " + ", ".join(
         f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
          + f" (each part's settings: {CONFIG_HISTORY})")
-  rows = folder.truncate_metrics(start_step)  # drops rows logged after the checkpoint
+  # Drops the rows logged after the checkpoint (all of them when none was saved).
+  rows = folder.truncate_metrics(start_step if start_step else -1)
   _log(str(report).splitlines()[0])
 
   if config.parallel == "pmap":

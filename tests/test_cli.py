@@ -331,8 +331,10 @@ def test_a_second_finetune_on_a_busy_run_folder_is_refused(tmp_path, capsys):
 
 def test_resume_keeps_one_true_record(tmp_path, capsys):
   out = tmp_path / "run"
+  out.mkdir()  # a run killed before its first checkpoint left rows behind
+  (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
   assert cli.main(["finetune", "--output_dir", str(out), *TINY, "--lr", "0.01", "--resume"]) == 0
-  assert "no checkpoint in" in capsys.readouterr().out  # --resume on a new folder says so
+  assert "no checkpoint in" in capsys.readouterr().out  # --resume without a checkpoint says so
   first = json.loads((out / "summary.json").read_text())
   with open(out / "metrics.jsonl", "a") as f:  # logged after the last checkpoint, then a crash
     f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
@@ -344,6 +346,7 @@ def test_resume_keeps_one_true_record(tmp_path, capsys):
                    "--no-progress"]) == 0
   rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [0, 2, 4, 6, 8, 10]
+  assert 9.0 not in (rows[0]["eval_loss"], rows[1]["loss"])
   summary = json.loads((out / "summary.json").read_text())
   assert summary["before"] == first["before"] and summary["before"] is not None
   assert summary["tokens"] > first["tokens"] and summary["resumed_from"] == 8

@@ -28,4 +28,5 @@ def test_loss_falls_with_merged_reset_and_stochastic_rounding_at_reference_lr(qu
   assert after < 0.85 * before
   # At the same lr, reference semantics round most updates away (the spec's quirk).
   ref_before, ref_after = quickstart.run(steps=80, width=128, lr=2e-3, verbose=False)
+  # Equal: the same evaluation program (the same HLO) on the same initial params.
   assert ref_before == before and (ref_before - ref_after) < 0.5 * (before - after)

@@ -2,9 +2,9 @@
 
 The rest of the suite runs on a GPU too; these add the checks the CPU cannot make: the
 cuBLASLt FP8 GEMMs in the compiled HLO, tensor-core FP8 numerics against the emulated
-CPU path, the Pallas kernels compiled by Triton (not interpreted) and bit-exact against
-their references, and the merges writing in place. ``benchmarks/gpu_session.sh check``
-runs this file first.
+CPU path, the Pallas kernels compiled by Triton (not interpreted) against their
+references (the quantizer bit for bit, the merge up to its f32 update's last bits), and
+the merges writing in place. ``benchmarks/gpu_session.sh check`` runs this file first.
 """
 
 import dataclasses
@@ -121,7 +121,7 @@ def test_pallas_quantize_compiled_by_triton_is_bit_exact(rng, fmt, axis, dtype):
 
 @pytest.mark.parametrize("scaling", ["tensor", "row"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_pallas_merge_compiled_by_triton_is_bit_exact_and_in_place(rng, scaling, rounding):
+def test_pallas_merge_compiled_by_triton_matches_and_is_in_place(rng, scaling, rounding):
   out, rank, n, k = ROWS, 64, COLS, 37
   w = rng.standard_normal((out + rank, n)) * np.exp(rng.uniform(-3, 3, (out + rank, 1)))
   w[3] = 0.0
@@ -140,8 +140,11 @@ def test_pallas_merge_compiled_by_triton_is_bit_exact_and_in_place(rng, scaling,
   assert mem.alias_size_in_bytes >= qweight.size  # the output is the donated weight
   assert mem.temp_size_in_bytes < qweight.size  # k rows' f32 math, not one weight copy
   got = compiled(jnp.copy(qweight), scale, delta, rows, key)
-  np.testing.assert_array_equal(_bits(got[0]), _bits(want[0]))
-  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+  # The update dot is XLA's in both, but in two programs (fused or tiled otherwise): its
+  # last bits may differ, so an element may round one e4m3 step away, and a shrunk row
+  # scale differ by an ulp per rounding (the rank-term sum, the divide, the multiply).
+  oracle.assert_fp8_close(got[0], want[0])
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=(rank + 2) * 2.0**-23)
   changed = np.nonzero((_bits(got[0]) != _bits(qweight)).any(axis=1))[0]
   assert set(changed) <= set(np.asarray(rows).tolist())
 

@@ -28,11 +28,13 @@ def _u8(a):
 
 
 @pytest.mark.parametrize("k", [1, 7, RANK, OUT])
-def test_merge_is_bit_exact_against_the_full_matrix_reference(rng, k):
+def test_merge_matches_the_full_matrix_reference(rng, k):
   mk = _mk(rng)
   new = falqon_jax.merge_top_k(mk, k)
   want, idx = oracle.merge_full_matrix(mk.qweight, mk.delta, k, OUT)
-  oracle.assert_merged_fp8_equal(new.qweight, want)
+  oracle.assert_merged_fp8_close(new.qweight, want)
+  # Integer rows, exact: the row L1 norms of this delta lie far apart next to the last bits
+  # in which two summation orders can differ.
   np.testing.assert_array_equal(np.sort(np.asarray(falqon_jax.select_rows(mk.delta, k))),
                                 np.sort(idx))
   # Everything else untouched: other rows, the A rows, the scale; delta reset in full.
@@ -152,12 +154,17 @@ def test_stochastic_rounding_neighbours_unbiased_and_keyed(rng):
   merge = jax.jit(lambda m, key: falqon_jax.merge_top_k(m, k, rounding="stochastic", key=key).qweight)
   samples = np.stack([np.asarray(merge(mk, key)).astype(np.float64)[idx] for key in keys])
   lo = np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.float8_e4m3fn)).astype(np.float64)
-  # Each sample is one of the two e4m3 neighbours of the exact value.
+  # Each sample is an e4m3 neighbour of the value the merge sums in f32, which is within
+  # RANK + 1 roundings of the terms' magnitude of the exact one.
+  slack = (RANK + 1) * 2.0**-24 * (np.abs(raw[idx]) + np.abs(
+      np.asarray(mk.delta, np.float64)[idx]) @ np.abs(raw[OUT:]))
   codes = np.arange(0, 0x7F, dtype=np.uint8).view(oracle.E4M3).astype(np.float64)
-  below = np.array([codes[codes <= abs(v)].max() for v in exact.ravel()]).reshape(exact.shape)
-  above = np.array([codes[codes >= abs(v)].min() for v in exact.ravel()]).reshape(exact.shape)
+  below = np.array([codes[codes <= max(abs(v) - e, 0)].max()
+                    for v, e in zip(exact.ravel(), slack.ravel())]).reshape(exact.shape)
+  above = np.array([codes[codes >= min(abs(v) + e, 448)].min()
+                    for v, e in zip(exact.ravel(), slack.ravel())]).reshape(exact.shape)
   mag = np.abs(samples)
-  assert np.all((mag == below) | (mag == above))
+  assert np.all((mag >= below) & (mag <= above))
   # Unbiased: the mean over keys tracks the exact value far better than nearest rounding.
   mean_err = np.abs(samples.mean(0) - exact).mean()
   nearest_err = np.abs(lo - exact).mean()
@@ -253,7 +260,7 @@ def test_randomized_shapes_match_reference(seed):
   mk = _mk(r, shape=(in_f, out_f, rank))
   k = int(r.integers(1, out_f + 1))
   want, _ = oracle.merge_full_matrix(mk.qweight, mk.delta, k, out_f)
-  oracle.assert_merged_fp8_equal(falqon_jax.merge_top_k(mk, k).qweight, want)
+  oracle.assert_merged_fp8_close(falqon_jax.merge_top_k(mk, k).qweight, want)
 
 
 def test_bad_input_errors(rng):
@@ -299,9 +306,16 @@ def test_pallas_merge_implementation_matches(rng, scaling, reset):
   mk = _mk(rng, scaling=scaling)
   a = falqon_jax.merge_top_k(mk, 8, reset=reset)
   b = falqon_jax.merge_top_k(mk, 8, reset=reset, implementation="pallas")
-  assert a.qweight.tobytes() == b.qweight.tobytes()
-  np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
-  np.testing.assert_array_equal(np.asarray(a.delta), np.asarray(b.delta))
+  # The update's f32 dot runs in another program (the kernel's jit): its last bits, and so
+  # an e4m3 rounding or a shrunk row scale, may differ.
+  oracle.assert_fp8_close(b.qweight, a.qweight)
+  np.testing.assert_allclose(np.asarray(b.scale), np.asarray(a.scale),
+                             rtol=(RANK + 2) * 2.0**-23)  # RANK terms, a divide, a multiply
+  # The reset is the same eager code on each row's stored bytes and scale: exact where
+  # those match (every row, unless a rounding flipped).
+  scales = [np.broadcast_to(np.asarray(m.scale), (OUT + RANK,)) for m in (a, b)]
+  same = np.all(_u8(a.qweight) == _u8(b.qweight), axis=1) & (scales[0] == scales[1])
+  np.testing.assert_array_equal(np.asarray(a.delta)[same[:OUT]], np.asarray(b.delta)[same[:OUT]])
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])

@@ -6,7 +6,10 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import oracle
 
 pytest.importorskip("transformers")
 
@@ -35,9 +38,15 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
   results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
   one = json.loads((tmp_path / "single.json").read_text())
   assert {r["process"] for r in results} == {0, 1}
-  # Both processes hold the same FP8 weights, and the same as one process on 4 devices
-  # with the same global batches: each process fed only its own rows.
-  assert results[0]["qweight_sha256"] == results[1]["qweight_sha256"] == one["qweight_sha256"]
+  # Both processes run one program: the same FP8 weights and losses.
+  assert results[0]["qweight_sha256"] == results[1]["qweight_sha256"]
   assert results[0]["losses"] == results[1]["losses"]
-  # The loss metric is reduced across processes in another order: equal up to rounding.
-  assert results[0]["losses"] == pytest.approx(one["losses"], rel=1e-6)
+  # One process on 4 devices, with the same global batches (each process fed only its own
+  # rows), reduces the gradients in another order: a last-bit difference can round a
+  # merged element one e4m3 step away.
+  two, four = (np.load(tmp_path / f"{name}.json.npz") for name in ("p0", "single"))
+  assert len(two.files) == len(four.files) > 0
+  for name in two.files:
+    oracle.assert_fp8_close(two[name].view(oracle.E4M3), four[name].view(oracle.E4M3), 0.01)
+  # The loss metric: rounding, plus the few weights a flip moved.
+  assert results[0]["losses"] == pytest.approx(one["losses"], rel=1e-5)

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import falqon_jax
 from falqon_jax import _native
 from falqon_jax._merge import write_rows
+import oracle
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU-only extension")
 
@@ -103,22 +104,26 @@ def test_vmap_writes_each_batch_member_its_own_rows(native, rng):
     np.testing.assert_array_equal(_bytes(got[b]), _expected(target[b], rows[0], new[0]))
 
 
-def test_sharded_and_pmapped_merges_give_the_same_bytes(native, rng):
+def test_sharded_and_pmapped_merges_write_the_right_rows(native, rng):
   k = jnp.asarray(rng.standard_normal((64, 128)) * 0.05, jnp.float32)
   mk = falqon_jax.meld_kernel(k, 16)
   mk = mk.replace(delta=jnp.asarray(rng.standard_normal(mk.delta.shape), jnp.float32))
   want = jax.jit(lambda m: falqon_jax.merge_top_k(m, 16))(mk)  # bytes: see test_merge
+  # Sharded and pmapped merges are other programs: the f32 update's last bits may differ,
+  # so an element may round one e4m3 step away; a misplaced row would be far off.
 
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   rows_sharded = NamedSharding(mesh, P("data", None))
   sharded = mk.replace(qweight=jax.device_put(mk.qweight, rows_sharded))
   got = jax.jit(lambda m: falqon_jax.merge_top_k(m, 16))(sharded)
-  np.testing.assert_array_equal(_bytes(got.qweight), _bytes(want.qweight))
+  oracle.assert_fp8_close(got.qweight, want.qweight)
 
   stacked = jax.tree.map(lambda x: jnp.stack([x] * 4), mk)
   got = jax.pmap(lambda m: falqon_jax.merge_top_k(m, 16))(stacked)
   for i in range(4):
-    np.testing.assert_array_equal(_bytes(got.qweight[i]), _bytes(want.qweight))
+    oracle.assert_fp8_close(got.qweight[i], want.qweight)
+    # Replicas of one program: the same bytes.
+    np.testing.assert_array_equal(_bytes(got.qweight[i]), _bytes(got.qweight[0]))
 
 
 def test_bad_shapes_and_dtypes_get_one_line_errors(native):

@@ -5,6 +5,7 @@ import optax
 import pytest
 
 import falqon_jax
+import oracle
 
 IN, OUT, RANK = 64, 96, 16
 
@@ -102,7 +103,8 @@ def test_reset_residual_carries_rounding_error_through_the_optimizer(rng):
   for reset in ("merged", "residual"):
     tx = falqon_jax.proxy_update(optax.sgd(1.0), top_k="all", reset=reset)
     new[reset], _ = _step(tx, params, tx.init(params), _grads(params, g))
-  # Same FP8 bytes; "merged" drops what did not land, "residual" keeps it as delta.
+  # Same FP8 bytes (the same eager ops on the same inputs); "merged" drops what did not
+  # land, "residual" keeps it as delta.
   np.testing.assert_array_equal(np.asarray(new["merged"]["layer"]["kernel"].qweight).view(np.uint8),
                                 np.asarray(new["residual"]["layer"]["kernel"].qweight).view(np.uint8))
   assert not np.any(np.asarray(new["merged"]["layer"]["kernel"].delta))
@@ -220,7 +222,9 @@ def test_gradient_accumulation_merges_only_on_the_update_step(rng):
   # The same as one step on the mean gradient.
   one = falqon_jax.proxy_update(optax.sgd(0.05))
   want, _ = _step(one, params, one.init(params), _grads(params, (g1 + g2) / 2))
-  assert end["layer"]["kernel"].qweight.tobytes() == want["layer"]["kernel"].qweight.tobytes()
+  # MultiSteps' running mean is another f32 formula than (g1 + g2) / 2: a last-bit
+  # difference in a delta can move a merged element across an e4m3 rounding boundary.
+  oracle.assert_fp8_close(end["layer"]["kernel"].qweight, want["layer"]["kernel"].qweight)
   with pytest.raises(ValueError, match="accumulation_steps must be a positive int"):
     falqon_jax.proxy_update(optax.adam(0.05), accumulation_steps=0)
 
@@ -233,7 +237,9 @@ def test_pallas_merge_implementation_gives_the_same_step(rng):
     tx = falqon_jax.proxy_update(optax.adam(0.05), top_k=4, reset="merged", implementation=impl)
     new, _ = _step(tx, params, tx.init(params), g)
     outs.append(new["layer"]["kernel"])
-  assert outs[0].qweight.tobytes() == outs[1].qweight.tobytes()
+  # The kernel's update dot runs in another program: an e4m3 rounding may flip.
+  oracle.assert_fp8_close(outs[1].qweight, outs[0].qweight)
+  # The same rows (the same eager top-k), zeroed; the others are the same eager Adam step.
   np.testing.assert_array_equal(np.asarray(outs[0].delta), np.asarray(outs[1].delta))
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from falqon_jax import fp8, kernels
 from falqon_jax.kernels import row_merge as km
+import oracle
 
 OUT, RANK, IN, K = 37, 5, 70, 11  # ragged against the (4, 32) block: 3 x 3 grid steps
 BLOCK = (4, 32)
@@ -41,9 +42,20 @@ def _case(rng, scaling, delta_scale=1.0):
 
 
 def _assert_same(got, want):
+  """The same bytes and scales: for the same XLA code run again on the same inputs."""
   np.testing.assert_array_equal(_bits(got[0]), _bits(want[0]))
   np.testing.assert_array_equal(np.asarray(got[1]).view(np.uint32),
                                 np.asarray(want[1]).view(np.uint32))
+
+
+def _assert_close(got, want):
+  """The kernel against the reference. Both take the update ``delta[rows] @ A`` from the
+  same XLA dot, but in another program, so its last bits may differ: an element may then
+  round one e4m3 step away, and a shrunk row scale differ by an ulp per rounding (the
+  RANK-term sum, the divide and the multiply that form it)."""
+  oracle.assert_fp8_close(got[0], want[0])
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]),
+                             rtol=(RANK + 2) * 2.0**-23)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +81,7 @@ def test_pallas_matches_reference(rng, scaling, rounding, active):
   got = kernels.merge_rows(qweight, scale, delta, rows, out_features=OUT, scaling=scaling,
                            rounding=rounding, key=key, active=act, implementation="pallas",
                            interpret=True, block_shape=block)
-  _assert_same(got, want)
+  _assert_close(got, want)
   changed = (_bits(got[0]) != _bits(qweight)).any(axis=1)
   assert not changed[np.setdiff1d(np.arange(OUT + RANK), rows)].any()  # no other byte
   live = np.asarray(rows)[: K if active is None else active]
@@ -94,7 +106,7 @@ def test_non_finite_delta_rows_keep_their_bytes(rng, scaling, rounding, active):
   want = km.merge_reference(qweight, scale, delta, rows, key, act, **opts)
   got = kernels.merge_rows(qweight, scale, delta, rows, key=key, active=act,
                            implementation="pallas", interpret=True, block_shape=BLOCK, **opts)
-  _assert_same(got, want)
+  _assert_close(got, want)
   q = _bits(got[0])
   np.testing.assert_array_equal(q[r[[0, 5]]], _bits(qweight)[r[[0, 5]]])
   np.testing.assert_array_equal(np.broadcast_to(np.asarray(got[1]), (OUT + RANK,))[r[[0, 5]]],
@@ -112,7 +124,7 @@ def test_default_block_and_untouched_inactive(rng):
     want = km.merge_reference(qweight, scale, delta, rows, None, act, out_features=OUT)
     got = kernels.merge_rows(qweight, scale, delta, rows, out_features=OUT, active=act,
                              implementation="pallas")
-    _assert_same(got, want)
+    _assert_close(got, want)
 
 
 def test_in_place_under_jit_with_donation(rng):
@@ -129,7 +141,7 @@ def test_in_place_under_jit_with_donation(rng):
   assert compiled.memory_analysis().alias_size_in_bytes >= qweight.size  # qweight aliased
   rows_top = kernels.select_rows(delta, K)
   want = km.merge_reference(qweight, scale, delta, rows_top, out_features=OUT)
-  np.testing.assert_array_equal(_bits(step(jnp.array(qweight), scale, delta)), _bits(want[0]))
+  oracle.assert_fp8_close(step(jnp.array(qweight), scale, delta), want[0])
 
 
 def test_xla_default_and_fallback(rng):
@@ -139,7 +151,7 @@ def test_xla_default_and_fallback(rng):
                                   scaling="row"), want)
   got = kernels.merge_rows(qweight, scale, delta, rows, out_features=OUT, scaling="row",
                            implementation=("pallas", "xla"), interpret=False)
-  _assert_same(got, want)
+  _assert_close(got, want)
   if jax.default_backend() != "cpu":
     return  # compiled Pallas runs there: nothing falls through
   with pytest.raises(kernels.KernelUnavailableError, match="merge_rows"):
@@ -215,4 +227,4 @@ def test_numpy_integer_out_features(rng):
   want = kernels.merge_rows(qweight, scale, delta, rows, out_features=OUT)
   got = kernels.merge_rows(qweight, scale, delta, rows, out_features=np.int64(OUT),
                            implementation="pallas")
-  _assert_same(got, want)
+  _assert_close(got, want)

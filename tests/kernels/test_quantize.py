@@ -27,6 +27,8 @@ def _input(rng, dtype, shape=SHAPE):
 
 
 def _assert_same(got, want):
+  """Bit for bit, whichever program runs it: quantizing is exact by construction (an
+  exact max, one correctly rounded divide and multiply, a round-to-nearest cast)."""
   (q1, s1), (q2, s2) = got, want
   assert q1.dtype == q2.dtype and q1.shape == q2.shape
   np.testing.assert_array_equal(_bits(q1), _bits(q2))
