@@ -148,9 +148,10 @@ BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0":
 
 
 def _allowed(f: dataclasses.Field, tp) -> str:
-  """What field ``f`` takes, in words: ``needs a int >= 1, 'all' or none``."""
+  """What field ``f`` takes, in words: ``needs an int >= 1, 'all' or none``."""
   base = _base_type(tp)
-  kind = {bool: "a bool (true/false)", float: "a finite float"}.get(base, f"a {base.__name__}")
+  kind = {bool: "a bool (true/false)", float: "a finite float", int: "an int"}.get(
+      base, f"a {base.__name__}")
   bounds = [f"{op} {f.metadata[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("lt", "<"))
             if k in f.metadata]
   options = [" ".join([kind, " and ".join(bounds)]).strip(), *map(repr, WORDS.get(f.name, ()))]
@@ -196,7 +197,7 @@ def validate(config) -> None:
   if not config.output_dir:
     raise ConfigError("config key 'output_dir' needs a folder path, got ''")
   if config.warmup_steps >= config.steps:
-    raise ConfigError(f"config key 'warmup_steps' needs a int < steps ({config.steps}),"
+    raise ConfigError(f"config key 'warmup_steps' needs an int < steps ({config.steps}),"
                       f" got {config.warmup_steps}")
   if config.targets is not None:
     try:

@@ -123,29 +123,33 @@ def meld(model: nnx.Module, rank: int = 64, *, targets=None, **meld_kwargs) -> M
   ``scaling`` pass through.
   """
   match = None if targets is None else _matcher(targets)
-  melded, skipped = [], []
+  # One tree, one meld: each layer gets its own key (per-leaf), as with falqon_jax.meld.
+  tree: dict = {}
+  linears = []
   for path, linear in _layers(model, nnx.Linear):
-    kpath = _path_str(path) + "/kernel"
     kernel = linear.kernel[...]
-    if match is not None and not match(kpath, kernel):
+    if match is not None and not match(_path_str(path) + "/kernel", kernel):
       continue
-    tree: dict = {}
     node = tree
     for k in path:
       node = node.setdefault(str(k), {})
     node["kernel"] = kernel
-    tree, report = _core_meld(tree, rank, targets=targets, **meld_kwargs)
-    melded += report.melded
-    skipped += report.skipped
+    linears.append((path, linear))
+  if not linears:
+    if targets is not None:
+      raise UserInputError(f"targets {targets!r} matched no nnx.Linear kernel")
+    raise UserInputError("model has no nnx.Linear layer to meld")
+  tree, report = _core_meld(tree, rank, targets=targets, **meld_kwargs)
+  melded, skipped = list(report.melded), list(report.skipped)
+  for path, linear in linears:
+    node = tree
     for k in path:
-      tree = tree[str(k)]
-    if isinstance(tree["kernel"], MeldedKernel):
+      node = node[str(k)]
+    if isinstance(node["kernel"], MeldedKernel):
       bias = linear.bias[...] if linear.bias is not None else None
-      _set(model, path, MeldedLinear(tree["kernel"], bias, dtype=linear.dtype))
+      _set(model, path, MeldedLinear(node["kernel"], bias, dtype=linear.dtype))
   if targets is not None and not melded:
     raise UserInputError(f"targets {targets!r} matched no nnx.Linear kernel")
-  if not melded and not skipped:
-    raise UserInputError("model has no nnx.Linear layer to meld")
   return MeldReport(tuple(melded), tuple(skipped))
 
 

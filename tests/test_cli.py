@@ -37,9 +37,9 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     ({"rnak": 8}, [], "unknown config key 'rnak'; did you mean 'rank'"),
     ({}, ["--lerning_rate", "1"], "unknown option '--lerning_rate'"),
     ({}, ["--lrr", "1"], "did you mean 'lr'"),
-    ({"rank": "eight"}, [], "config key 'rank' needs a int"),
+    ({"rank": "eight"}, [], "config key 'rank' needs an int"),
     ({"reset": "some"}, [], r"reset must be one of \('all', 'merged', 'residual'\)"),
-    ({}, ["--top_k", "most"], "config key 'top_k' needs a int"),
+    ({}, ["--top_k", "most"], "config key 'top_k' needs an int"),
 ])
 def test_config_errors_are_one_line(file_values, flags, msg):
   with pytest.raises(ConfigError, match=msg):

@@ -101,3 +101,19 @@ def test_bad_input():
     fnnx.Optimizer(Tiny(nnx.Rngs(0)), optax.adam(1e-3))
   with pytest.raises(TypeError, match="needs a MeldedKernel"):
     fnnx.MeldedLinear(jnp.ones((64, 64)))
+
+
+def test_same_shape_layers_get_their_own_random_a():
+  class TwoSame(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(64, 64, rngs=rngs), nnx.Linear(64, 64, rngs=rngs)])
+
+  model = TwoSame(nnx.Rngs(0))
+  fnnx.meld(model, rank=16, init="random", key=jax.random.key(3))
+  a0, a1 = (np.asarray(l.kernel.lora_a(jnp.float32)) for l in model.layers)
+  assert not np.array_equal(a0, a1)  # one key per layer, as falqon_jax.meld gives
+  # The same A as melding the equivalent params tree (the same per-leaf keys).
+  tree, _ = falqon_jax.meld({"layers": {str(i): {"kernel": jnp.asarray(
+      TwoSame(nnx.Rngs(0)).layers[i].kernel[...])} for i in range(2)}}, rank=16,
+      init="random", key=jax.random.key(3))
+  np.testing.assert_array_equal(a1, tree["layers"]["1"]["kernel"].lora_a(jnp.float32))

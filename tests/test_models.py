@@ -1,0 +1,260 @@
+"""falqon_jax.models: every family's logits against PyTorch reference logits (hf-tiny)."""
+
+import json
+import math
+import pathlib
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from falqon_jax import models
+from falqon_jax import nnx as fnnx
+from falqon_jax.errors import UserInputError
+from falqon_jax.hf import _safetensors as st
+from falqon_jax.models import _config, _decoder
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf-tiny"
+ARCHS = ["llama3", "llama3_tied", "llama3_sharded", "mistral", "qwen2", "qwen3", "gemma",
+         "gemma2", "gemma3", "gpt2"]
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(),
+    reason=f"hf-tiny fixtures not found at {FIXTURES} (CI puts ../shared beside the clone)",
+)
+# The README's tolerance: 15x the largest float32 error between independent
+# implementations, 6x below the smallest feature effect.
+ATOL = 1e-4
+
+# One jitted forward for all tests; it retraces per graph (i.e. per architecture).
+_forward = nnx.jit(lambda m, ids, mask: m(ids, attention_mask=mask))
+
+
+def _folder(tmp_path, arch, style):
+  if style == "config":
+    return FIXTURES / arch
+  dst = tmp_path / arch
+  shutil.copytree(FIXTURES / arch, dst)
+  shutil.copy(dst / "legacy_config.json", dst / "config.json")
+  return dst
+
+
+def _run(model, ids, mask):
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def _one_line_error(fn, *needles):
+  with pytest.raises(UserInputError) as e:
+    fn()
+  msg = str(e.value)
+  assert "\n" not in msg
+  for n in needles:
+    assert n in msg, msg
+  return msg
+
+
+@needs_fixtures
+@pytest.mark.parametrize("style", ["config", "legacy"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_reference(tmp_path, arch, style):
+  model, _ = models.load(str(_folder(tmp_path, arch, style)))
+  ref = np.load(FIXTURES / arch / "reference.npz")
+  out = _run(model, ref["input_ids"], ref["attention_mask"])
+  np.testing.assert_allclose(out, ref["logits"], atol=ATOL, rtol=0)
+  padded = _run(model, ref["input_ids_padded"], ref["attention_mask_padded"])
+  valid = ref["attention_mask_padded"].astype(bool)
+  # Finite everywhere: the mask is a finite negative, so even a pad query with no key in
+  # its sliding window gives a (meaningless) finite row rather than NaN.
+  assert np.isfinite(padded).all()
+  np.testing.assert_allclose(padded[valid], ref["logits_padded"][valid], atol=ATOL, rtol=0)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                  "gemma3", "gpt2"])
+def test_legacy_config_parses_to_the_same_model_config(arch):
+  new = json.loads((FIXTURES / arch / "config.json").read_text())
+  old = json.loads((FIXTURES / arch / "legacy_config.json").read_text())
+  assert models.ModelConfig.from_hf(old) == models.ModelConfig.from_hf(new)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", ["llama3", "llama3_tied", "qwen3", "gemma2", "gemma3", "gpt2"])
+def test_melded_model_stays_close_before_training(arch):
+  model, cfg = models.load(str(FIXTURES / arch))
+  report = fnnx.meld(model, rank=8)
+  per_layer = 4 if cfg.model_type == "gpt2" else 7  # every projection of every layer
+  assert len(report.melded) == per_layer * cfg.num_layers
+  ref = np.load(FIXTURES / arch / "reference.npz")
+  out = _run(model, ref["input_ids"], ref["attention_mask"])
+  # FP8 e4m3 keeps 3 mantissa bits: ~2^-4/sqrt(3) ≈ 4% RMS rounding on each of the
+  # weight and the input, ~5% per matmul, compounding over two layers and amplified by
+  # these random models (up to ~14% seen). The zero ΔBuffer adds nothing; a wrong melded
+  # layout would be off by ~100%.
+  err = np.sqrt(np.mean((out - ref["logits"]) ** 2)) / ref["logits"].std()
+  assert err < 0.25
+  assert np.abs(out - ref["logits"]).max() > 1e-3  # really melded, not the float path
+
+
+_step = nnx.jit(lambda m, ids, cache: m(ids, cache=cache))
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", ["llama3", "gemma2", "gemma3", "gpt2"])
+def test_kv_cache_decoding_matches_reference(arch):
+  model, _ = models.load(str(FIXTURES / arch))
+  ref = np.load(FIXTURES / arch / "reference.npz")
+  ids = jnp.asarray(ref["input_ids"])
+  cache = model.init_cache(2, 32)
+  # A 20-token prefill, then one token at a time: past the sliding window (8), so the
+  # cached local layers must drop the old keys.
+  with jax.default_matmul_precision("highest"):
+    logits, cache = _step(model, ids[:, :20], cache)
+    steps = [logits]
+    for i in range(20, 32):
+      logits, cache = _step(model, ids[:, i:i + 1], cache)
+      steps.append(logits)
+  assert int(cache.index) == 32
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), ref["logits"], atol=ATOL, rtol=0)
+
+
+@needs_fixtures
+def test_bfloat16_load_keeps_float32_logits_close():
+  model, _ = models.load(str(FIXTURES / "gemma2"), dtype=jnp.bfloat16)
+  assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+  ref = np.load(FIXTURES / "gemma2" / "reference.npz")
+  out = _run(model, ref["input_ids"], ref["attention_mask"])
+  assert out.dtype == np.float32
+  # bf16 keeps 8 mantissa bits: ~0.1% RMS per rounding, a few dozen roundings in series.
+  err = np.sqrt(np.mean((out - ref["logits"]) ** 2)) / ref["logits"].std()
+  assert err < 0.03
+
+
+@needs_fixtures
+def test_qkv_and_gate_up_quantize_their_shared_input_once():
+  model, cfg = models.load(str(FIXTURES / "llama3"))
+  fnnx.meld(model, rank=8)
+  ids = jnp.zeros((2, 16), jnp.int32)
+  hlo = _forward.lower(model, ids, jnp.ones_like(ids)).compile().as_text()
+  quantized = re.findall(r"= f8e4m3fn\[[^\]]*\]\S* convert\(", hlo)
+  # One input quantization per distinct input: q/k/v's, o's, gate/up's and down's.
+  assert 0 < len(quantized) <= 4 * cfg.num_layers, len(quantized)
+
+
+def test_legacy_configs_derive_layer_types_and_local_rope_as_4x_did():
+  base = {"vocab_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+          "num_hidden_layers": 6, "head_dim": 16, "sliding_window": 8, "rope_theta": 1e6}
+  s, f = "sliding_attention", "full_attention"
+  gemma3 = models.ModelConfig.from_hf(
+      {**base, "model_type": "gemma3_text", "sliding_window_pattern": 3,
+       "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+  assert gemma3.layer_types == (s, s, f, s, s, f)
+  assert gemma3.rope_for(s) == models.Rope(theta=1e4)  # local layers: unscaled, local base
+  assert gemma3.rope_for(f) == models.Rope(rope_type="linear", theta=1e6, factor=8.0)
+  gemma2 = models.ModelConfig.from_hf({**base, "model_type": "gemma2"})
+  assert gemma2.layer_types == (s, f) * 3
+  mistral = models.ModelConfig.from_hf({**base, "model_type": "mistral"})
+  assert mistral.layer_types == (s,) * 6 and mistral.sliding_window == 8
+  qwen2 = models.ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": False})
+  assert qwen2.layer_types == (f,) * 6 and qwen2.sliding_window is None
+
+
+def test_unsupported_model_type_and_rope_type_are_one_line_errors():
+  base = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+          "num_hidden_layers": 1, "num_attention_heads": 2}
+  _one_line_error(lambda: models.ModelConfig.from_hf({**base, "model_type": "bloom"}),
+                  "'bloom'", "model_type")
+  _one_line_error(
+      lambda: models.ModelConfig.from_hf(
+          {**base, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}),
+      "'longrope'", "RoPE type")
+  nested = {"full_attention": {"rope_type": "su", "rope_theta": 1e4}}
+  _one_line_error(
+      lambda: models.ModelConfig.from_hf({**base, "rope_parameters": nested}), "'su'")
+
+
+@needs_fixtures
+def test_unsupported_model_type_in_a_folder_is_one_line_error(tmp_path):
+  folder = _folder(tmp_path, "gpt2", "legacy")
+  cfg = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+  _one_line_error(lambda: models.load(str(folder)), "'gpt_neox'", "config.json")
+
+
+@needs_fixtures
+def test_tensor_shape_mismatch_names_the_tensor(tmp_path):
+  folder = _folder(tmp_path, "qwen2", "legacy")
+  path = folder / "model.safetensors"
+  tensors = {k: np.array(v) for k, v in st.iter_tensors(str(path))}
+  tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+  st.save_file(tensors, str(path))
+  _one_line_error(lambda: models.load(str(folder)),
+                  "'model.layers.1.self_attn.k_proj.weight'", "(16, 64)", "(32, 64)")
+
+
+@needs_fixtures
+def test_missing_tensor_is_one_line_error(tmp_path):
+  folder = _folder(tmp_path, "llama3_tied", "legacy")
+  cfg = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+  _one_line_error(lambda: models.load(str(folder)), "'lm_head.weight'")
+
+
+def _rope(**kw):
+  return _config.Rope(**kw)
+
+
+def test_rope_linear_divides_every_frequency():
+  default, _ = _config.inv_freq(_rope(theta=1e4), 64, 4096)
+  linear, att = _config.inv_freq(_rope(rope_type="linear", theta=1e4, factor=4.0), 64, 4096)
+  np.testing.assert_allclose(linear, default / 4, rtol=1e-6)
+  assert att == 1.0
+
+
+def test_rope_llama3_keeps_smooths_and_divides_as_the_fixture_says():
+  rope = _rope(rope_type="llama3", theta=5e5, factor=32.0, low_freq_factor=1.0,
+               high_freq_factor=4.0, original_max_position_embeddings=64)
+  default, _ = _config.inv_freq(_rope(theta=5e5), 16, 2048)
+  inv, _ = _config.inv_freq(rope, 16, 2048)
+  ratio = default / inv
+  assert np.isclose(ratio[0], 1.0)  # wavelength below 64/4: kept
+  assert 1.0 < ratio[1] < 32.0  # between 16 and 64: smoothed
+  np.testing.assert_allclose(ratio[2:], 32.0, rtol=1e-6)  # above 64: divided by 32
+
+
+def test_rope_yarn_interpolates_only_the_long_wavelengths():
+  factor, dim = 8.0, 128
+  default, _ = _config.inv_freq(_rope(theta=1e4), dim, 32768)
+  inv, att = _config.inv_freq(
+      _rope(rope_type="yarn", theta=1e4, factor=factor, original_max_position_embeddings=4096),
+      dim, 32768)
+  # Dimensions that turn more than beta_fast (32) times over the original context keep
+  # their frequency; fewer than beta_slow (1) times: divided by the factor.
+  turns = 4096 * default / (2 * math.pi)
+  np.testing.assert_allclose(inv[turns > 32 * 1.5], default[turns > 32 * 1.5], rtol=1e-6)
+  np.testing.assert_allclose(inv[turns < 0.5], default[turns < 0.5] / factor, rtol=1e-6)
+  mid = (turns < 32) & (turns > 1)
+  assert np.all((inv[mid] < default[mid]) & (inv[mid] > default[mid] / factor))
+  assert att == pytest.approx(0.1 * math.log(factor) + 1.0)
+
+
+def test_rope_dynamic_grows_the_base_past_the_context_only():
+  rope = _rope(rope_type="dynamic", theta=1e4, factor=2.0)
+  dim, max_pos = 16, 64
+  short = jnp.arange(max_pos)[None]
+  cos, sin = _decoder.rope_tables(rope, dim, max_pos, short)
+  cos0, sin0 = _decoder.rope_tables(_rope(theta=1e4), dim, max_pos, short)
+  np.testing.assert_array_equal(cos, cos0)
+  np.testing.assert_array_equal(sin, sin0)
+  # At twice the context the NTK base makes the lowest frequency (factor*2 - factor + 1)
+  # = 3 times lower, and leaves the highest (exponent 0) as it is.
+  long = jnp.arange(2 * max_pos)[None]
+  cos, sin = _decoder.rope_tables(rope, dim, max_pos, long)
+  default, _ = _config.inv_freq(_rope(theta=1e4), dim, max_pos)
+  angles = np.arctan2(np.asarray(sin[0, 1]), np.asarray(cos[0, 1]))  # position 1
+  np.testing.assert_allclose(angles[0], default[0], rtol=1e-6)
+  np.testing.assert_allclose(angles[-1], default[-1] / 3, rtol=1e-5)
