@@ -63,13 +63,22 @@ class MeldedLinear(nnx.Module):
     (4, 32)
   """
 
-  def __init__(self, kernel: MeldedKernel, bias: Optional[jax.Array] = None, *, dtype=None):
+  def __init__(self, kernel: MeldedKernel, bias: Optional[jax.Array] = None, *, dtype=None,
+               axes: Optional[tuple] = None):
+    """``axes``: the replaced kernel's logical axis names ``(in, out)``, if it had any; the
+    FP8 rows, row scales, delta and bias are then named along ``out`` (the A rows too), so
+    a mesh's rules shard them as they sharded the kernel."""
     if not isinstance(kernel, MeldedKernel):
       raise TypeError(f"MeldedLinear needs a MeldedKernel, got {type(kernel).__name__}")
-    self.qweight = FP8Weight(kernel.qweight)
-    self.scale = FP8Weight(kernel.scale)
-    self.delta = Delta(kernel.delta)
-    self.bias = None if bias is None else nnx.Param(bias)
+    in_ax, out_ax = axes if axes is not None else (None, None)
+
+    def named(*names):  # logical names only: applying them needs a mesh
+      return {} if axes is None else {"out_sharding": names, "eager_sharding": False}
+
+    self.qweight = FP8Weight(kernel.qweight, **named(out_ax, in_ax))
+    self.scale = FP8Weight(kernel.scale, **named(*(out_ax,) * kernel.scale.ndim))
+    self.delta = Delta(kernel.delta, **named(out_ax, None))
+    self.bias = None if bias is None else nnx.Param(bias, **named(out_ax))
     self.in_features = kernel.in_features
     self.out_features = kernel.out_features
     self.rank = kernel.rank
@@ -147,7 +156,8 @@ def meld(model: nnx.Module, rank: int = 64, *, targets=None, **meld_kwargs) -> M
       node = node[str(k)]
     if isinstance(node["kernel"], MeldedKernel):
       bias = linear.bias[...] if linear.bias is not None else None
-      _set(model, path, MeldedLinear(node["kernel"], bias, dtype=linear.dtype))
+      axes = linear.kernel.get_metadata().get("out_sharding")
+      _set(model, path, MeldedLinear(node["kernel"], bias, dtype=linear.dtype, axes=axes))
   if targets is not None and not melded:
     raise UserInputError(f"targets {targets!r} matched no nnx.Linear kernel")
   return MeldReport(tuple(melded), tuple(skipped))

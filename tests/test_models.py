@@ -14,6 +14,7 @@ from flax import nnx
 
 from falqon_jax import models
 from falqon_jax import nnx as fnnx
+from falqon_jax import train
 from falqon_jax.errors import UserInputError
 from falqon_jax.hf import _safetensors as st
 from falqon_jax.models import _config, _decoder
@@ -258,3 +259,152 @@ def test_rope_dynamic_grows_the_base_past_the_context_only():
   angles = np.arctan2(np.asarray(sin[0, 1]), np.asarray(cos[0, 1]))  # position 1
   np.testing.assert_allclose(angles[0], default[0], rtol=1e-6)
   np.testing.assert_allclose(angles[-1], default[-1] / 3, rtol=1e-5)
+
+
+def _tiny(model_type, layers=2, hidden=32, **extra):
+  return models.ModelConfig.from_hf({
+      "model_type": model_type, "vocab_size": 64, "hidden_size": hidden,
+      "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+      "num_attention_heads": 4, "num_key_value_heads": 2, **extra,
+  })
+
+
+def _delta_grads(model, ids):
+  def loss(m):
+    return jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])
+  return nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, fnnx.Delta)))(model)
+
+
+def test_remat_keeps_the_delta_gradients():
+  model = models.CausalLM(_tiny("llama"), rngs=nnx.Rngs(0))
+  fnnx.meld(model, rank=16)
+  # Nonzero deltas, so the gradients also go through the delta term.
+  keys = iter(jax.random.split(jax.random.key(1), 64))
+  for _, d in nnx.iter_graph(model):
+    if isinstance(d, fnnx.Delta):
+      d[...] = 0.01 * jax.random.normal(next(keys), d[...].shape)
+  ids = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
+  remat = nnx.clone(model)
+  remat.remat = True
+  plain = nnx.to_flat_state(_delta_grads(model, ids))
+  again = dict(nnx.to_flat_state(_delta_grads(remat, ids)))
+  assert len(plain) == len(again) == 14
+  for path, g in plain:
+    g, h = np.asarray(g[...]), np.asarray(again[path][...])
+    # Remat recomputes the same ops in another program: f32 reassociation (~1e-7
+    # relative per op, a few hundred in series) stays far below 2e-3 of the largest
+    # entry. So does a rare e4m3 flip of one recomputed input element: 1/8 of one of
+    # 32 products (~1/8/sqrt(32)) in one of the 2*16 summed tokens, ~7e-4. A missing or
+    # wrong path would differ by O(1).
+    np.testing.assert_allclose(h, g, rtol=0, atol=2e-3 * np.abs(g).max(), err_msg=str(path))
+    assert np.abs(g).max() > 0
+
+
+def _residual_bytes(model, batch, seq):
+  """Bytes the backward of a delta loss keeps from the forward (abstract: no compute)."""
+  graphdef, delta, rest = nnx.split(model, fnnx.Delta, ...)
+  def loss(delta, rest, ids):
+    return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, delta, rest)(ids))[..., 0])
+  ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  vjp = jax.eval_shape(lambda *a: jax.vjp(loss, *a)[1], delta, rest, ids)
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(vjp))
+
+
+def test_remat_saves_only_the_layer_outputs():
+  cfg = _tiny("llama", layers=4, hidden=128)
+  def build(remat):
+    def make():
+      model = models.CausalLM(cfg, remat=remat, rngs=nnx.Rngs(0))
+      fnnx.meld(model, rank=16)
+      return model
+    return nnx.eval_shape(make)  # shapes only: the residuals depend on nothing else
+  batch, seq = 8, 64
+  plain, remat = _residual_bytes(build(False), batch, seq), _residual_bytes(build(True), batch, seq)
+  stream = batch * seq * cfg.hidden_size * 4  # one f32 residual-stream activation
+  weights = sum(math.prod(x.shape) * x.dtype.itemsize
+                for x in jax.tree.leaves(nnx.state(build(True))))
+  # Without remat every layer keeps its attention probabilities and MLP activations
+  # (tens of streams each); with it each layer keeps one stream (its output), and the
+  # weights, embedding, final norm and log-softmax (a few streams) remain.
+  assert plain > remat + 10 * cfg.num_layers * stream
+  assert remat < weights + (2 * cfg.num_layers + 4) * stream
+  # One name, so falqon_jax.train's whole-model policy keeps these outputs too.
+  assert models.LAYER_OUTPUT == train.LAYER_OUTPUT
+
+
+# FSDP over "data" on the hidden axis, tensor parallelism over "model" on the rest.
+_RULES = (("vocab", "model"), ("embed", "data"), ("heads", "model"), ("kv_heads", "model"),
+          ("mlp", "model"))
+_FAMILY_CONFIGS = {
+    "llama": {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True},
+    "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 16, "tie_word_embeddings": False},
+    "gemma": {}, "gemma2": {}, "gemma3_text": {}, "gpt2": {"max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("model_type", models.FAMILIES)
+def test_every_parameter_has_logical_axis_names(model_type):
+  cfg = _tiny(model_type, **_FAMILY_CONFIGS[model_type])
+  model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0)))
+  names = {"vocab", "embed", "heads", "kv_heads", "mlp", None}
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    axes = var.get_metadata().get("out_sharding")
+    assert axes is not None and len(axes) == var.get_value().ndim, path
+    assert set(axes) <= names, (path, axes)
+
+
+@needs_fixtures
+def test_load_keeps_the_axis_names():
+  model, _ = models.load(str(FIXTURES / "llama3"))
+  with nnx.logical_axis_rules(_RULES):
+    specs = nnx.get_partition_spec(nnx.state(model))
+  P = jax.sharding.PartitionSpec
+  assert specs["embed_tokens"]["embedding"].get_value() == P("model", "data")
+  assert specs["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value() == P("data", "model")
+  assert specs["layers"][0]["mlp"]["down_proj"]["kernel"].get_value() == P("model", "data")
+  assert specs["norm"]["weight"].get_value() == P("data")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gpt2"])
+def test_sharded_forward_matches_the_unsharded_one(model_type):
+  cfg = _tiny(model_type, **_FAMILY_CONFIGS[model_type])
+  model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+  mask = jnp.ones((2, 16), jnp.int32).at[1, 12:].set(0)
+  want = _run(model, ids, mask)
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=auto)
+  with nnx.logical_axis_rules(_RULES):
+    shardings = nnx.get_named_sharding(nnx.state(model), mesh)
+  nnx.update(model, jax.device_put(nnx.state(model), shardings))
+  up = model.layers[0].mlp.c_fc if model_type == "gpt2" else model.layers[0].mlp.up_proj
+  kernel = up.kernel[...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("data", "model")
+  assert kernel.addressable_shards[0].data.shape == (cfg.hidden_size // 2, kernel.shape[1] // 2)
+  got = _run(model, ids, mask)
+  # Sharded matmuls sum in another order: f32 reassociation, ~1e-7 relative per term over
+  # sums of <= 128 terms and a few layers in series, stays below 1e-5 of the logits' scale;
+  # a wrongly placed shard would change them by O(1).
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_melded_weights_keep_the_kernels_axis_names_and_shard():
+  cfg = _tiny("qwen3", **_FAMILY_CONFIGS["qwen3"])
+  model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  fnnx.meld(model, rank=8)
+  up = model.layers[0].mlp.up_proj
+  assert isinstance(up, fnnx.MeldedLinear)
+  assert up.qweight.get_metadata()["out_sharding"] == ("mlp", "embed")  # (out + rank, in)
+  assert up.delta.get_metadata()["out_sharding"] == ("mlp", None)
+  ids = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+  mask = jnp.ones((2, 16), jnp.int32)
+  want = _run(model, ids, mask)
+  mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with nnx.logical_axis_rules(_RULES):
+    shardings = nnx.get_named_sharding(nnx.state(model), mesh)
+  nnx.update(model, jax.device_put(nnx.state(model), shardings))
+  assert up.qweight[...].sharding.spec == jax.sharding.PartitionSpec("model", "data")
+  got = _run(model, ids, mask)
+  # The same FP8 GEMMs split over devices: f32 reassociation only (as the unmelded case),
+  # unless an activation's FP8 rounding flips on it; 1e-3 of the scale allows a few flips.
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())

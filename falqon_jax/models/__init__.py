@@ -13,6 +13,14 @@ base per layer type for Gemma 3). Every projection is an ``nnx.Linear`` so that
 :func:`falqon_jax.nnx.meld` melds it; attention is ``jax.nn.dot_product_attention``
 except where Gemma 2 soft-caps the scores.
 
+``CausalLM(cfg, remat=True)`` recomputes each decoder layer in the backward pass and keeps
+only its output, named :data:`LAYER_OUTPUT` (the name ``falqon_jax.train``'s remat policy
+saves too). Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``,
+``kv_heads``, ``mlp``) as ``out_sharding`` metadata, kept by ``load``; under
+``nnx.logical_axis_rules`` they give ``nnx.get_partition_spec`` / ``nnx.get_named_sharding``
+for an FSDP or tensor-parallel mesh. ``falqon_jax.nnx.meld`` does not carry them over to
+the FP8 weights and deltas it makes, so those stay replicated.
+
 Why a compact decoder rather than a maintained package's models: google-tunix (0.1.7,
 the NNX model zoo closest to this need) has no Mistral, Gemma 2 or GPT-2 model, ignores
 Llama 3's RoPE scaling, and builds its projections from its own einsum modules rather
@@ -34,9 +42,10 @@ Example:
 """
 
 from falqon_jax.models._config import FAMILIES, ROPE_TYPES, ModelConfig, Rope
-from falqon_jax.models._decoder import CausalLM, KVCache
+from falqon_jax.models._decoder import LAYER_OUTPUT, CausalLM, KVCache
 from falqon_jax.models._load import load, read_config
 
 __all__ = [
-    "CausalLM", "FAMILIES", "KVCache", "ModelConfig", "ROPE_TYPES", "Rope", "load", "read_config",
+    "CausalLM", "FAMILIES", "KVCache", "LAYER_OUTPUT", "ModelConfig", "ROPE_TYPES", "Rope", "load",
+    "read_config",
 ]

@@ -4,6 +4,13 @@ Module and attribute names follow the HF checkpoints' parameter names (``q_proj`
 ``input_layernorm``, GPT-2's ``c_attn``...), so loading maps names mechanically and
 :func:`falqon_jax.nnx.meld` paths read like the HF ones. Every projection is an
 ``nnx.Linear``, so ``meld`` swaps each for a ``MeldedLinear``.
+
+Every parameter carries logical axis names as ``out_sharding`` metadata (not eagerly
+applied, so a model builds without a mesh): ``vocab``, ``embed`` (the hidden size),
+``heads`` (query heads x head_dim), ``kv_heads`` (key/value heads x head_dim), ``mlp``
+(the intermediate size) and ``None`` for axes no mesh should split (positions, a q/k
+norm's head_dim). Under ``nnx.logical_axis_rules(rules)``, ``nnx.get_partition_spec``
+maps them to mesh axes for FSDP or tensor parallelism.
 """
 
 from __future__ import annotations
@@ -13,12 +20,28 @@ import math
 from typing import NamedTuple, Optional
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 from flax import nnx
 
 from falqon_jax.models._config import FULL, SLIDING, ModelConfig, Rope, inv_freq
 
 _F32 = jnp.float32
+# Name of each decoder layer's output (the residual stream): the only activation a remat
+# policy needs to keep, since everything inside a layer, melded dense included, can be
+# recomputed from it. Same name as falqon_jax.train's, so one policy serves both.
+LAYER_OUTPUT = "falqon_layer_output"
+
+
+def _axes(*names) -> dict:
+  # Logical names only; applying them needs a mesh, so no eager sharding at creation.
+  return {"out_sharding": names, "eager_sharding": False}
+
+
+def _linear(d_in: int, d_out: int, axes: tuple, use_bias: bool, dtype, rngs: nnx.Rngs):
+  """An ``nnx.Linear`` whose kernel is named ``axes`` (in, out) and its bias ``axes[1]``."""
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
+                    kernel_metadata=_axes(*axes), bias_metadata=_axes(axes[1]), rngs=rngs)
 
 
 def _neg(dtype) -> float:
@@ -30,8 +53,9 @@ def _neg(dtype) -> float:
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis; ``offset`` scales by ``(1 + w)`` as Gemma does."""
 
-  def __init__(self, dim: int, eps: float, offset: bool, dtype):
-    self.weight = nnx.Param(jnp.zeros(dim, dtype) if offset else jnp.ones(dim, dtype))
+  def __init__(self, dim: int, eps: float, offset: bool, dtype, axis: Optional[str] = "embed"):
+    self.weight = nnx.Param(jnp.zeros(dim, dtype) if offset else jnp.ones(dim, dtype),
+                            **_axes(axis))
     self.eps = eps
     self.offset = offset
 
@@ -47,9 +71,9 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
   """LayerNorm with weight and bias (GPT-2), statistics in float32."""
 
-  def __init__(self, dim: int, eps: float, dtype):
-    self.weight = nnx.Param(jnp.ones(dim, dtype))
-    self.bias = nnx.Param(jnp.zeros(dim, dtype))
+  def __init__(self, dim: int, eps: float, dtype, axis: Optional[str] = "embed"):
+    self.weight = nnx.Param(jnp.ones(dim, dtype), **_axes(axis))
+    self.bias = nnx.Param(jnp.zeros(dim, dtype), **_axes(axis))
     self.eps = eps
 
   def __call__(self, x):
@@ -60,10 +84,10 @@ class LayerNorm(nnx.Module):
     return (y * self.weight[...].astype(_F32) + self.bias[...].astype(_F32)).astype(x.dtype)
 
 
-def _norm(cfg: ModelConfig, dim: int, dtype):
+def _norm(cfg: ModelConfig, dim: int, dtype, axis: Optional[str] = "embed"):
   if cfg.layer_norm:
-    return LayerNorm(dim, cfg.norm_eps, dtype)
-  return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset, dtype)
+    return LayerNorm(dim, cfg.norm_eps, dtype, axis)
+  return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset, dtype, axis)
 
 
 def _act(name: str, x):
@@ -136,21 +160,21 @@ class Attention(nnx.Module):
   """Self-attention with separate q/k/v/o projections (GPT-2: fused ``c_attn``)."""
 
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-    lin = functools.partial(nnx.Linear, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    lin = functools.partial(_linear, dtype=dtype, rngs=rngs)
     d, h = cfg.hidden_size, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
     self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
     self.fused = cfg.model_type == "gpt2"
     if self.fused:
-      self.c_attn = lin(d, 3 * d, use_bias=True)
-      self.c_proj = lin(d, d, use_bias=True)
+      self.c_attn = lin(d, 3 * d, ("embed", "heads"), True)
+      self.c_proj = lin(d, d, ("heads", "embed"), True)
     else:
-      self.q_proj = lin(d, cfg.num_heads * h, use_bias=cfg.qkv_bias)
-      self.k_proj = lin(d, cfg.num_kv_heads * h, use_bias=cfg.qkv_bias)
-      self.v_proj = lin(d, cfg.num_kv_heads * h, use_bias=cfg.qkv_bias)
-      self.o_proj = lin(cfg.num_heads * h, d, use_bias=cfg.o_bias)
-    self.q_norm = _norm(cfg, h, dtype) if cfg.qk_norm else None
-    self.k_norm = _norm(cfg, h, dtype) if cfg.qk_norm else None
+      self.q_proj = lin(d, cfg.num_heads * h, ("embed", "heads"), cfg.qkv_bias)
+      self.k_proj = lin(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), cfg.qkv_bias)
+      self.v_proj = lin(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), cfg.qkv_bias)
+      self.o_proj = lin(cfg.num_heads * h, d, ("heads", "embed"), cfg.o_bias)
+    self.q_norm = _norm(cfg, h, dtype, None) if cfg.qk_norm else None
+    self.k_norm = _norm(cfg, h, dtype, None) if cfg.qk_norm else None
 
   def __call__(self, x, rope, mask, kv=None, index=None):
     """Returns the output and, with a layer cache ``kv``, the updated cache."""
@@ -178,16 +202,16 @@ class MLP(nnx.Module):
   """Gated MLP (gate/up/down) or GPT-2's plain one (c_fc/c_proj)."""
 
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-    lin = functools.partial(nnx.Linear, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    lin = functools.partial(_linear, dtype=dtype, rngs=rngs)
     d, f = cfg.hidden_size, cfg.intermediate_size
     self.act, self.gated = cfg.act, cfg.gated_mlp
     if self.gated:
-      self.gate_proj = lin(d, f, use_bias=cfg.mlp_bias)
-      self.up_proj = lin(d, f, use_bias=cfg.mlp_bias)
-      self.down_proj = lin(f, d, use_bias=cfg.mlp_bias)
+      self.gate_proj = lin(d, f, ("embed", "mlp"), cfg.mlp_bias)
+      self.up_proj = lin(d, f, ("embed", "mlp"), cfg.mlp_bias)
+      self.down_proj = lin(f, d, ("mlp", "embed"), cfg.mlp_bias)
     else:
-      self.c_fc = lin(d, f, use_bias=cfg.mlp_bias)
-      self.c_proj = lin(f, d, use_bias=cfg.mlp_bias)
+      self.c_fc = lin(d, f, ("embed", "mlp"), cfg.mlp_bias)
+      self.c_proj = lin(f, d, ("mlp", "embed"), cfg.mlp_bias)
 
   def __call__(self, x):
     if self.gated:  # gate and up share their input, like q/k/v
@@ -215,9 +239,23 @@ class DecoderLayer(nnx.Module):
     a, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, index)
     if self.sandwich:
       x = x + self.post_attention_layernorm(a)
-      return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
-    x = x + a
-    return x + self.mlp(self.post_attention_layernorm(x)), kv
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    else:
+      x = x + a
+      x = x + self.mlp(self.post_attention_layernorm(x))
+    return jax.ad_checkpoint.checkpoint_name(x, LAYER_OUTPUT), kv
+
+
+def _remat_call(layer: DecoderLayer, *args):
+  """``layer(*args)`` under ``jax.checkpoint``, saving only :data:`LAYER_OUTPUT`.
+
+  Functional (split, then merge inside) rather than ``nnx.remat``: a layer call changes no
+  state, and this also works on a model merged inside a plain ``jax.jit``/``jax.grad``.
+  """
+  graphdef, state = nnx.split(layer)
+  policy = jax.checkpoint_policies.save_only_these_names(LAYER_OUTPUT)
+  fn = jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a), policy=policy)
+  return fn(state, *args)
 
 
 class CausalLM(nnx.Module):
@@ -231,6 +269,10 @@ class CausalLM(nnx.Module):
   ``(logits, cache)``, attends to the cached tokens too, ``attention_mask`` covers the
   new tokens only and the positions default to the cache slots they fill.
 
+  With ``remat=True`` each decoder layer runs under ``jax.checkpoint`` and keeps only its
+  output (:data:`LAYER_OUTPUT`) for the backward pass; the rest of the layer, melded
+  dense included, is recomputed there. Same gradients, less activation memory.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -242,20 +284,23 @@ class CausalLM(nnx.Module):
     (1, 4, 32)
   """
 
-  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
+               rngs: nnx.Rngs):
     self.config = cfg
+    self.remat = remat
     d = cfg.hidden_size
-    self.embed_tokens = nnx.Embed(cfg.vocab_size, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, d, dtype=dtype, param_dtype=dtype,
+                                  embedding_metadata=_axes("vocab", "embed"), rngs=rngs)
     self.embed_positions = (
-        nnx.Embed(cfg.max_position_embeddings, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        nnx.Embed(cfg.max_position_embeddings, d, dtype=dtype, param_dtype=dtype,
+                  embedding_metadata=_axes(None, "embed"), rngs=rngs)
         if cfg.model_type == "gpt2" else None
     )
     self.layers = nnx.List([DecoderLayer(cfg, lt, dtype, rngs) for lt in cfg.layer_types])
     self.norm = _norm(cfg, d, dtype)
     self.lm_head = (
         None if cfg.tie_embeddings
-        else nnx.Linear(d, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
-                        rngs=rngs)
+        else _linear(d, cfg.vocab_size, ("embed", "vocab"), False, dtype, rngs)
     )
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -296,10 +341,11 @@ class CausalLM(nnx.Module):
       if rope is not None and lt in masks:
         ropes[lt] = rope_tables(rope, cfg.head_dim, cfg.max_position_embeddings, positions)
 
+    call = _remat_call if self.remat else DecoderLayer.__call__
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(x, ropes.get(layer.layer_type), masks[layer.layer_type], kv, start)
+      x, kv = call(layer, x, ropes.get(layer.layer_type), masks[layer.layer_type], kv, start)
       if kv is not None:
         ks.append(kv[0])
         vs.append(kv[1])

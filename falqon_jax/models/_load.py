@@ -82,7 +82,8 @@ def load(folder: str, dtype=jnp.float32) -> tuple[CausalLM, ModelConfig]:
 
   Weights come from ``model.safetensors`` or the shards a ``model.safetensors.index.json``
   lists, read one tensor at a time and cast to ``dtype``. A tensor whose shape does not
-  match config.json, a missing tensor or an unexpected one is a one-line error.
+  match config.json, a missing tensor or an unexpected one is a one-line error. Values are
+  set into the model's variables, so their logical axis names (``out_sharding``) stay.
   """
   cfg = read_config(folder)
   model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
