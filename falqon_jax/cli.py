@@ -64,7 +64,9 @@ def load_for_inference(folder: str):
     raise FileNotFoundError(f"{folder!r} is not a folder: pass a run folder or an HF model folder")
   if os.path.exists(os.path.join(folder, "config.json")):
     loaded = fh.load(folder)
-    return loaded.model, loaded.params, data_lib.load_tokenizer(folder if _has_tokenizer(folder) else None), None
+    tokenizer = data_lib.load_tokenizer(folder if _has_tokenizer(folder) else None)
+    data_lib.check_vocabulary(tokenizer, loaded.model.config.vocab_size, folder)
+    return loaded.model, loaded.params, tokenizer, None
   config_path = os.path.join(folder, "config.yaml")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{folder!r} holds neither config.json (an HF model) nor"

@@ -124,6 +124,7 @@ def _load_model(config: FinetuneConfig, run_dir: str):
     raise FileNotFoundError(f"model folder {config.model!r} does not exist")
   loaded = fh.load(config.model, dtype=dtype)
   tokenizer = data_lib.load_tokenizer(config.tokenizer or config.model)
+  data_lib.check_vocabulary(tokenizer, loaded.model.config.vocab_size, config.model)
   return loaded.model, loaded.params, tokenizer, os.path.abspath(config.model)
 
 

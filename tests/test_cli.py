@@ -365,3 +365,18 @@ def test_logged_train_loss_is_the_token_weighted_mean_since_the_last_row():
   row = interval.row()
   assert row["loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40) and row["skipped"] == 1
   assert row["steps"] == 2 and row["tokens_per_s"] > 0
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
+  import falqon_jax.hf as fh
+  from falqon_jax import export
+
+  folder = str(tmp_path / "small-vocab")  # 256 ids; the byte tokenizer has 272
+  model = fh.build_model(fh.tiny_config("llama", num_hidden_layers=1))
+  export.save_bf16(folder, model, model.init_weights(jax.random.key(0), (1, 8)))
+  assert cli.main(["generate", folder, "copy abc:"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "the tokenizer has 272 ids but" in err[0] and "256" in err[0], err
+  assert cli.main(["finetune", "--model", folder, "--tokenizer", "byte", "--output_dir",
+                   str(tmp_path / "run"), *TINY]) == 2
+  assert "silently clamped" in capsys.readouterr().err

@@ -44,7 +44,8 @@ from falqon_jax.data._examples import (
     synthetic_kind,
     synthetic_task,
 )
-from falqon_jax.data._tokenizer import ByteTokenizer, DataError, HFTokenizer, load_tokenizer
+from falqon_jax.data._tokenizer import (ByteTokenizer, DataError, HFTokenizer,
+                                        check_vocabulary, load_tokenizer)
 
 __all__ = [
     "ALPACA_PROMPT_INPUT",
@@ -58,6 +59,7 @@ __all__ = [
     "Example",
     "HFTokenizer",
     "alpaca_prompt",
+    "check_vocabulary",
     "chat_examples",
     "default_buckets",
     "encode_prompt",

@@ -134,6 +134,22 @@ def looks_like_hub_name(source: str) -> bool:
   return not ("/" in source and os.path.isdir(source.split("/")[0]))
 
 
+def check_vocabulary(tokenizer, vocab_size: int, model: str) -> None:
+  """Refuses a tokenizer whose ids can reach past the model's embedding table, where JAX's
+  gather would silently clamp them to the last row.
+
+  >>> check_vocabulary(ByteTokenizer(), 256, "tiny")
+  Traceback (most recent call last):
+  ...
+  falqon_jax.data._tokenizer.DataError: the tokenizer has 272 ids but tiny's vocabulary has 256: larger ids would be silently clamped; use the model's own tokenizer (--tokenizer)
+  """
+  if tokenizer.vocab_size > vocab_size:
+    raise DataError(
+        f"the tokenizer has {tokenizer.vocab_size} ids but {model}'s vocabulary has"
+        f" {vocab_size}: larger ids would be silently clamped; use the model's own tokenizer"
+        " (--tokenizer)")
+
+
 def load_tokenizer(path_or_name=None):
   """The byte tokenizer for ``None`` (or ``"byte"``), else an :class:`HFTokenizer`.
 
