@@ -319,7 +319,3 @@ def resolve(cls, *, file_values: Optional[dict] = None, flags: Sequence[str] = (
 def to_dict(config) -> dict:
   return dataclasses.asdict(config)
 
-
-def save(config, path: str) -> None:
-  with open(path, "w") as f:
-    yaml.safe_dump(to_dict(config), f, sort_keys=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 from typing import Any, NamedTuple, Optional
 
@@ -18,7 +16,7 @@ from falqon_jax.errors import UserInputError
 from falqon_jax.hf import _arch
 from falqon_jax.hf import _safetensors as st
 
-INDEX = "model.safetensors.index.json"
+INDEX = st.INDEX
 MSGPACK = "flax_model.msgpack"
 
 
@@ -44,36 +42,9 @@ def read_config(folder: str) -> dict:
     raise FileNotFoundError(
         f"{folder}: no config.json; a HF model folder needs config.json and weights"
     )
-  config = _read_json(path)
+  config = st.read_json(path)
   _arch.check_model_type(config.get("model_type"), path)
   return config
-
-
-def _read_json(path: str) -> dict:
-  """A JSON object from a file; a damaged file is a one-line user error."""
-  with open(path) as f:
-    try:
-      value = json.load(f)
-    except ValueError as e:  # also a file that is not UTF-8
-      raise UserInputError(f"{path}: not valid JSON ({e}); repair or regenerate it") from None
-  if not isinstance(value, dict):
-    raise UserInputError(f"{path}: expected a JSON object, got {type(value).__name__}")
-  return value
-
-
-def weight_files(folder: str) -> list[str]:
-  """The safetensors shards of a folder (from the index file when there is one)."""
-  index = os.path.join(folder, INDEX)
-  if os.path.isfile(index):
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise UserInputError(f"{index}: no weight_map; regenerate the index file")
-    files = sorted(set(weight_map.values()))
-    for name in files:
-      if not os.path.isfile(os.path.join(folder, name)):
-        raise FileNotFoundError(f"{index} lists shard {name!r}, which is missing")
-    return [os.path.join(folder, name) for name in files]
-  return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
 
 
 def _dequant_scale(weight_scale: np.ndarray) -> np.float32:
@@ -195,7 +166,7 @@ def load(
   model = build_model(config, dtype)
   model_type = config["model_type"]
   melder = _Melder(model_type, rank, targets, **meld_kwargs)
-  files = weight_files(folder)
+  files = st.weight_files(folder)
   if not files:
     if os.path.isfile(os.path.join(folder, MSGPACK)):
       return _load_msgpack(folder, model, melder, param_dtype)

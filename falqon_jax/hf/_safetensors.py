@@ -8,6 +8,7 @@ Reading memory-maps the file, so a tensor costs host memory only once it is copi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import struct
@@ -105,3 +106,34 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Optional[d
     f.write(blob)
     for arr in arrays:
       f.write(arr.tobytes())
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def read_json(path: str) -> dict:
+  """A JSON object from a file (a config or an index); a damaged file is a one-line error."""
+  with open(path) as f:
+    try:
+      value = json.load(f)
+    except ValueError as e:  # also a file that is not UTF-8
+      raise UserInputError(f"{path}: not valid JSON ({e}); repair or regenerate it") from None
+  if not isinstance(value, dict):
+    raise UserInputError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
+
+
+def weight_files(folder: str) -> list[str]:
+  """The safetensors shards of a checkpoint folder (from the index file when there is one;
+  else every ``*.safetensors``, possibly none)."""
+  index = os.path.join(folder, INDEX)
+  if not os.path.isfile(index):
+    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  weight_map = read_json(index).get("weight_map")
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise UserInputError(f"{index}: no weight_map; regenerate the index file")
+  files = sorted(set(weight_map.values()))
+  for name in files:
+    if not os.path.isfile(os.path.join(folder, name)):
+      raise FileNotFoundError(f"{index} lists shard {name!r}, which is missing")
+  return [os.path.join(folder, name) for name in files]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 
 import jax.numpy as jnp
@@ -15,7 +13,6 @@ from falqon_jax.hf import _safetensors as st
 from falqon_jax.models._config import ModelConfig
 from falqon_jax.models._decoder import CausalLM
 
-INDEX = "model.safetensors.index.json"
 # Buffers some checkpoints carry that hold no weights (causal masks, RoPE tables).
 _IGNORED = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 _GPT2_NAMES = {
@@ -24,37 +21,16 @@ _GPT2_NAMES = {
 }
 
 
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    try:
-      value = json.load(f)
-    except ValueError as e:
-      raise UserInputError(f"{path}: not valid JSON ({e}); repair or regenerate it") from None
-  if not isinstance(value, dict):
-    raise UserInputError(f"{path}: expected a JSON object, got {type(value).__name__}")
-  return value
-
-
 def read_config(folder: str) -> ModelConfig:
   """The :class:`ModelConfig` of a local HF folder's config.json."""
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     raise UserInputError(f"{folder}: no config.json; pass a local HF model folder")
-  return ModelConfig.from_hf(_read_json(path), path)
+  return ModelConfig.from_hf(st.read_json(path), path)
 
 
 def _weight_files(folder: str) -> list[str]:
-  index = os.path.join(folder, INDEX)
-  if os.path.isfile(index):
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise UserInputError(f"{index}: no weight_map; regenerate the index file")
-    files = [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
-    for f in files:
-      if not os.path.isfile(f):
-        raise UserInputError(f"{index} lists shard {os.path.basename(f)!r}, which is missing")
-    return files
-  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  files = st.weight_files(folder)
   if not files:
     raise UserInputError(f"{folder}: no *.safetensors weights; save the model with safetensors")
   return files
