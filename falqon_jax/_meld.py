@@ -118,6 +118,37 @@ def _matcher(targets: Targets) -> Callable[[str, Any], bool]:
   )
 
 
+def meld_leaf(path: str, leaf, index: int, rank: int, match=None, *, init: Init = "svd",
+              key: Optional[jax.Array] = None, scaling: Scaling = "tensor"):
+  """Melds one leaf as :func:`meld` does at flat ``index``: ``(new leaf, report entry)``.
+
+  ``match`` is the targets' matcher (None: the default targets); the entry is a
+  :class:`MeldedLayer`, a :class:`SkippedLeaf`, or None for a leaf explicit targets
+  leave out. Loaders call it per tensor, so a model melds while it loads, with the same
+  per-layer keys as melding the loaded tree.
+  """
+  shape = tuple(getattr(leaf, "shape", ()))
+  if isinstance(leaf, MeldedKernel):
+    return leaf, SkippedLeaf(path, leaf.shape, "already melded")
+  if match is not None:
+    if not match(path, leaf):
+      return leaf, None
+    kernel = check_kernel(leaf, f"targeted leaf {path!r}")
+    if any(d % _GEMM_MULTIPLE for d in kernel.shape):
+      raise UserInputError(
+          f"targeted kernel {path!r} has shape {shape}; FP8 GEMMs need both dims to be"
+          f" multiples of {_GEMM_MULTIPLE}: narrow `targets` to exclude it"
+      )
+  else:
+    reason = _default_reason(path, leaf)
+    if reason is not None:
+      return leaf, SkippedLeaf(path, shape, reason)
+  rank = check_rank(rank, shape[0], shape[1], f"kernel {path!r}")  # a Python int
+  layer_key = None if key is None else jax.random.fold_in(key, index)
+  new = meld_kernel(leaf, rank, init=init, key=layer_key, scaling=scaling, name=path)
+  return new, MeldedLayer(path, shape, rank)
+
+
 def meld(
     params,
     rank: int = 64,
@@ -160,34 +191,13 @@ def meld(
   )
   new_leaves, melded, skipped = [], [], []
   for index, (kpath, leaf) in enumerate(leaves):
-    path = path_str(kpath)
-    shape = tuple(getattr(leaf, "shape", ()))
-    if isinstance(leaf, MeldedKernel):
-      skipped.append(SkippedLeaf(path, leaf.shape, "already melded"))
-      new_leaves.append(leaf)
-      continue
-    if explicit:
-      if not match(path, leaf):
-        new_leaves.append(leaf)
-        continue
-      kernel = check_kernel(leaf, f"targeted leaf {path!r}")
-      if any(d % _GEMM_MULTIPLE for d in kernel.shape):
-        raise UserInputError(
-            f"targeted kernel {path!r} has shape {shape}; FP8 GEMMs need both dims to be"
-            f" multiples of {_GEMM_MULTIPLE}: narrow `targets` to exclude it"
-        )
-    else:
-      reason = _default_reason(path, leaf)
-      if reason is not None:
-        skipped.append(SkippedLeaf(path, shape, reason))
-        new_leaves.append(leaf)
-        continue
-    rank = check_rank(rank, shape[0], shape[1], f"kernel {path!r}")  # a Python int
-    layer_key = None if key is None else jax.random.fold_in(key, index)
-    new_leaves.append(
-        meld_kernel(leaf, rank, init=init, key=layer_key, scaling=scaling, name=path)
-    )
-    melded.append(MeldedLayer(path, shape, rank))
+    new, entry = meld_leaf(path_str(kpath), leaf, index, rank, match, init=init, key=key,
+                           scaling=scaling)
+    new_leaves.append(new)
+    if isinstance(entry, MeldedLayer):
+      melded.append(entry)
+    elif entry is not None:
+      skipped.append(entry)
   if explicit and not melded:
     raise UserInputError(
         f"targets {targets!r} matched no parameter; paths look like"

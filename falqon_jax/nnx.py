@@ -1,10 +1,12 @@
 """Flax NNX integration: :class:`MeldedLinear`, in-place :func:`meld`, and :class:`Optimizer`.
 
 ``meld(model, rank=...)`` swaps every targeted ``nnx.Linear`` of a model for a
-:class:`MeldedLinear` holding the FP8 ``[W; A]`` (:class:`FP8Weight`, frozen) and the
-ΔBuffer (:class:`Delta`, the only differentiable state). ``nnx.split`` / ``nnx.merge``,
-``nnx.jit`` and ``nnx.grad(..., argnums=nnx.DiffState(0, Delta))`` work as usual;
-:class:`Optimizer` runs FALQON's proxy update (merge top-k rows into the FP8 weight).
+:class:`MeldedLinear` whose one :class:`Melded` variable holds a
+:class:`~falqon_jax.MeldedKernel` (the FP8 ``[W; A]``, its scale and the ΔBuffer, the only
+part that trains). ``nnx.split`` / ``nnx.merge``, ``nnx.jit`` and
+``nnx.grad(..., argnums=nnx.DiffState(0, Melded))`` work as usual; :class:`Optimizer` runs
+FALQON's proxy update (merge top-k rows into the FP8 weight);
+:func:`get_partition_spec` shards melded kernels on a mesh.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -18,7 +20,7 @@ Example:
   >>> @nnx.jit
   ... def step(model, opt):
   ...   loss = lambda m: jnp.mean(m(x) ** 2)
-  ...   l, g = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, fnnx.Delta))(model)
+  ...   l, g = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, fnnx.Melded))(model)
   ...   opt.update(model, g)
   ...   return l
   >>> float(step(model, opt)) > 0
@@ -33,23 +35,29 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax.core import spmd as _spmd
 
-from falqon_jax._meld import MeldReport, _matcher
-from falqon_jax._meld import meld as _core_meld
+from falqon_jax._meld import MeldedLayer, MeldReport, _matcher, meld_leaf
 from falqon_jax._melded_dense import melded_dense
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax._proxy_update import apply_updates, proxy_update
 from falqon_jax.errors import UserInputError
 
-__all__ = ["Delta", "FP8Weight", "MeldedLinear", "Optimizer", "meld", "kernels"]
+__all__ = [
+    "Melded", "MeldedLinear", "Optimizer", "get_named_sharding", "get_partition_spec",
+    "kernels", "meld",
+]
 
 
-class Delta(nnx.Variable):
-  """The ΔBuffer ``B`` (out, rank): the only state FALQON differentiates and updates."""
+class Melded(nnx.Variable):
+  """A melded layer's state: one :class:`~falqon_jax.MeldedKernel` (FP8 ``[W; A]``, its
+  scale(s) and the ΔBuffer ``B``).
 
-
-class FP8Weight(nnx.Variable):
-  """Frozen melded FP8 state: the e4m3 ``[W; A]`` and its scale(s)."""
+  The kernel stays one pytree leaf of the model's state, so ``nnx.state(model)`` and
+  ``nnx.split`` hand :func:`falqon_jax.proxy_update`, checkpoints and exports the same
+  ``MeldedKernel`` leaves as a melded params tree. Differentiate with
+  ``nnx.DiffState(0, Melded)``: only ``delta`` gets a nonzero gradient.
+  """
 
 
 class MeldedLinear(nnx.Module):
@@ -65,44 +73,56 @@ class MeldedLinear(nnx.Module):
 
   def __init__(self, kernel: MeldedKernel, bias: Optional[jax.Array] = None, *, dtype=None,
                axes: Optional[tuple] = None):
-    """``axes``: the replaced kernel's logical axis names ``(in, out)``, if it had any; the
-    FP8 rows, row scales, delta and bias are then named along ``out`` (the A rows too), so
-    a mesh's rules shard them as they sharded the kernel."""
+    """``axes``: the replaced kernel's logical axis names ``(in, out)``, if it had any;
+    :func:`get_partition_spec` then shards the FP8 rows (A rows too), row scales, delta
+    and bias along ``out`` and the FP8 columns along ``in``, as the kernel was."""
     if not isinstance(kernel, MeldedKernel):
       raise TypeError(f"MeldedLinear needs a MeldedKernel, got {type(kernel).__name__}")
-    in_ax, out_ax = axes if axes is not None else (None, None)
-
-    def named(*names):  # logical names only: applying them needs a mesh
-      return {} if axes is None else {"out_sharding": names, "eager_sharding": False}
-
-    self.qweight = FP8Weight(kernel.qweight, **named(out_ax, in_ax))
-    self.scale = FP8Weight(kernel.scale, **named(*(out_ax,) * kernel.scale.ndim))
-    self.delta = Delta(kernel.delta, **named(out_ax, None))
-    self.bias = None if bias is None else nnx.Param(bias, **named(out_ax))
-    self.in_features = kernel.in_features
-    self.out_features = kernel.out_features
-    self.rank = kernel.rank
-    self.scaling = kernel.scaling
+    # Not ``out_sharding``: nnx's own spec functions would give the whole kernel one spec.
+    self.kernel = Melded(kernel, **({} if axes is None else {"kernel_axes": tuple(axes)}))
+    out_named = {} if axes is None else {"out_sharding": (axes[1],), "eager_sharding": False}
+    self.bias = None if bias is None else nnx.Param(bias, **out_named)
     self.dtype = dtype
-
-  @property
-  def kernel(self) -> MeldedKernel:
-    return MeldedKernel(
-        qweight=self.qweight[...], scale=self.scale[...], delta=self.delta[...],
-        in_features=self.in_features, out_features=self.out_features, rank=self.rank,
-        scaling=self.scaling,
-    )
-
-  def set_kernel(self, mk: MeldedKernel) -> None:
-    self.qweight[...] = mk.qweight
-    self.scale[...] = mk.scale
-    self.delta[...] = mk.delta
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.dtype is not None:
       x = x.astype(self.dtype)
     bias = None if self.bias is None else self.bias[...]
-    return melded_dense(x, self.kernel, bias)
+    return melded_dense(x, self.kernel.get_value(), bias)
+
+
+def _kernel_spec(var: Melded) -> MeldedKernel:
+  """The PartitionSpecs of a melded kernel's arrays from its ``kernel_axes`` (in, out)."""
+  mk = var.get_value()
+  in_ax, out_ax = var.get_metadata().get("kernel_axes", (None, None))
+  if in_ax is not None or out_ax is not None:
+    rules = _spmd.get_logical_axis_rules()
+    in_ax, out_ax = _spmd.from_sharding_rules((in_ax, out_ax), rules) if rules else (in_ax, out_ax)
+  P = jax.sharding.PartitionSpec
+  scale = P(out_ax) if jnp.ndim(mk.scale) == 1 else P()
+  return mk.replace(qweight=P(out_ax, in_ax), scale=scale, delta=P(out_ax, None))
+
+
+def get_partition_spec(tree):
+  """``nnx.get_partition_spec`` that also knows :class:`Melded` variables.
+
+  Each melded kernel gets a ``MeldedKernel`` of specs from the axis names of the kernel it
+  replaced: FP8 rows and delta rows along its ``out`` axis, FP8 columns along ``in``. Use
+  under ``nnx.logical_axis_rules`` as with nnx's.
+  """
+  is_melded = lambda x: isinstance(x, Melded)
+  melded = jax.tree.map(lambda x: x.replace(_kernel_spec(x)) if is_melded(x) else None, tree,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  plain = nnx.get_partition_spec(tree)
+  return jax.tree.map(lambda m, p: p if m is None else m, melded, plain,
+                      is_leaf=lambda x: x is None or isinstance(x, nnx.Variable))
+
+
+def get_named_sharding(tree, mesh: jax.sharding.Mesh):
+  """:func:`get_partition_spec` as ``NamedSharding`` s on ``mesh``."""
+  specs = get_partition_spec(tree)
+  return jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs,
+                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def _path_str(path) -> str:
@@ -132,40 +152,61 @@ def meld(model: nnx.Module, rank: int = 64, *, targets=None, **meld_kwargs) -> M
   ``scaling`` pass through.
   """
   match = None if targets is None else _matcher(targets)
-  # One tree, one meld: each layer gets its own key (per-leaf), as with falqon_jax.meld.
-  tree: dict = {}
-  linears = []
-  for path, linear in _layers(model, nnx.Linear):
-    kernel = linear.kernel[...]
-    if match is not None and not match(_path_str(path) + "/kernel", kernel):
-      continue
-    node = tree
-    for k in path:
-      node = node.setdefault(str(k), {})
-    node["kernel"] = kernel
-    linears.append((path, linear))
-  if not linears:
-    if targets is not None:
-      raise UserInputError(f"targets {targets!r} matched no nnx.Linear kernel")
-    raise UserInputError("model has no nnx.Linear layer to meld")
-  tree, report = _core_meld(tree, rank, targets=targets, **meld_kwargs)
-  melded, skipped = list(report.melded), list(report.skipped)
-  for path, linear in linears:
-    node = tree
-    for k in path:
-      node = node[str(k)]
-    if isinstance(node["kernel"], MeldedKernel):
-      bias = linear.bias[...] if linear.bias is not None else None
-      axes = linear.kernel.get_metadata().get("out_sharding")
-      _set(model, path, MeldedLinear(node["kernel"], bias, dtype=linear.dtype, axes=axes))
+  if meld_kwargs.get("init") == "random" and meld_kwargs.get("key") is None:
+    raise UserInputError('init="random" needs key=jax.random.key(...)')
+  melded, skipped = [], []
+  for path, linear, index in meld_plan(model, match, targets):
+    mk, entry = meld_leaf(_path_str(path) + "/kernel", linear.kernel[...], index, rank, match,
+                          **meld_kwargs)
+    if isinstance(entry, MeldedLayer):
+      melded.append(entry)
+      swap_in(model, path, linear, mk)
+    elif entry is not None:
+      skipped.append(entry)
   if targets is not None and not melded:
     raise UserInputError(f"targets {targets!r} matched no nnx.Linear kernel")
   return MeldReport(tuple(melded), tuple(skipped))
 
 
+def meld_plan(model: nnx.Module, match, targets=None) -> list[tuple[tuple, nnx.Linear, int]]:
+  """``(path, linear, index)`` for each ``nnx.Linear`` that :func:`meld` considers.
+
+  ``index`` is the layer's place in the tree of those kernels, the one
+  :func:`falqon_jax.meld` would fold into a random-init key, so every layer gets its own
+  A, and a loader that melds layer by layer gets the same A as melding afterwards.
+  Works on an abstract model (``nnx.eval_shape``): only paths and shapes are read.
+  """
+  linears = []
+  for path, linear in _layers(model, nnx.Linear):
+    if match is not None and not match(_path_str(path) + "/kernel", linear.kernel.get_value()):
+      continue
+    linears.append((path, linear))
+  if not linears:
+    if targets is not None:
+      raise UserInputError(f"targets {targets!r} matched no nnx.Linear kernel")
+    raise UserInputError("model has no nnx.Linear layer to meld")
+  tree: dict = {}
+  for i, (path, _) in enumerate(linears):
+    node = tree
+    for k in path:
+      node = node.setdefault(str(k), {})
+    node["kernel"] = i
+  order = jax.tree_util.tree_leaves(tree)  # dict keys sorted, as jax flattens a params tree
+  index = {i: n for n, i in enumerate(order)}
+  return [(path, linear, index[i]) for i, (path, linear) in enumerate(linears)]
+
+
+def swap_in(model: nnx.Module, path: tuple, linear: nnx.Linear, mk: MeldedKernel) -> None:
+  """Replaces the ``nnx.Linear`` at ``path`` by a :class:`MeldedLinear` of ``mk``, keeping
+  its bias, dtype and axis names."""
+  bias = linear.bias[...] if linear.bias is not None else None
+  axes = linear.kernel.get_metadata().get("out_sharding")
+  _set(model, path, MeldedLinear(mk, bias, dtype=linear.dtype, axes=axes))
+
+
 def kernels(model: nnx.Module) -> dict[str, MeldedKernel]:
   """``{path: MeldedKernel}`` for every :class:`MeldedLinear` of ``model``."""
-  return {_path_str(p): m.kernel for p, m in _layers(model, MeldedLinear)}
+  return {_path_str(p): m.kernel.get_value() for p, m in _layers(model, MeldedLinear)}
 
 
 class OptState(nnx.Variable):
@@ -176,7 +217,7 @@ class Optimizer(nnx.Object):
   """FALQON's optimizer for NNX models: :func:`falqon_jax.proxy_update` on the deltas.
 
   ``update(model, grads)`` takes the ``nnx.State`` that
-  ``nnx.grad(loss, argnums=nnx.DiffState(0, Delta))`` returns, runs the inner optax
+  ``nnx.grad(loss, argnums=nnx.DiffState(0, Melded))`` returns, runs the inner optax
   optimizer on the deltas, merges the top-k rows of every layer into its FP8 weight and
   resets the ΔBuffers, all in place. Works inside ``nnx.jit``.
 
@@ -196,20 +237,20 @@ class Optimizer(nnx.Object):
 
   def update(self, model: nnx.Module, grads) -> None:
     ks = kernels(model)
-    flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(grads)}
+    flat = {_path_str(p): v for p, v in nnx.to_flat_state(grads)}
     gks = {}
     for path, mk in ks.items():
-      key = (*path.split("/"), "delta")
-      if key not in flat:
+      g = flat.get(f"{path}/kernel")
+      g = g.get_value() if isinstance(g, nnx.Variable) else g
+      if not isinstance(g, MeldedKernel):
         raise UserInputError(
-            f"grads hold no delta for layer {path!r}; take them with"
-            " nnx.grad(loss, argnums=nnx.DiffState(0, falqon_jax.nnx.Delta))"
+            f"grads hold no gradient for the melded layer {path!r}; take them with"
+            " nnx.grad(loss, argnums=nnx.DiffState(0, falqon_jax.nnx.Melded))"
         )
-      g = flat[key]
-      gks[path] = mk.replace(delta=g[...] if hasattr(g, "__getitem__") else g.value)
+      gks[path] = g
     updates, state = self.tx.update(gks, self.opt_state.get_value(), ks)
     new = apply_updates(ks, updates)
     for path, layer in _layers(model, MeldedLinear):
-      layer.set_kernel(new[_path_str(path)])
+      layer.kernel.set_value(new[_path_str(path)])
     self.opt_state.set_value(state)
     self.step[...] = self.step[...] + 1

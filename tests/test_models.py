@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import falqon_jax
 from falqon_jax import models
 from falqon_jax import nnx as fnnx
 from falqon_jax import train
@@ -62,7 +63,7 @@ def _one_line_error(fn, *needles):
 @pytest.mark.parametrize("style", ["config", "legacy"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_reference(tmp_path, arch, style):
-  model, _ = models.load(str(_folder(tmp_path, arch, style)))
+  model, _, _ = models.load(str(_folder(tmp_path, arch, style)))
   ref = np.load(FIXTURES / arch / "reference.npz")
   out = _run(model, ref["input_ids"], ref["attention_mask"])
   np.testing.assert_allclose(out, ref["logits"], atol=ATOL, rtol=0)
@@ -86,7 +87,7 @@ def test_legacy_config_parses_to_the_same_model_config(arch):
 @needs_fixtures
 @pytest.mark.parametrize("arch", ["llama3", "llama3_tied", "qwen3", "gemma2", "gemma3", "gpt2"])
 def test_melded_model_stays_close_before_training(arch):
-  model, cfg = models.load(str(FIXTURES / arch))
+  model, cfg, _ = models.load(str(FIXTURES / arch))
   report = fnnx.meld(model, rank=8)
   per_layer = 4 if cfg.model_type == "gpt2" else 7  # every projection of every layer
   assert len(report.melded) == per_layer * cfg.num_layers
@@ -107,7 +108,7 @@ _step = nnx.jit(lambda m, ids, cache: m(ids, cache=cache))
 @needs_fixtures
 @pytest.mark.parametrize("arch", ["llama3", "gemma2", "gemma3", "gpt2"])
 def test_kv_cache_decoding_matches_reference(arch):
-  model, _ = models.load(str(FIXTURES / arch))
+  model, _, _ = models.load(str(FIXTURES / arch))
   ref = np.load(FIXTURES / arch / "reference.npz")
   ids = jnp.asarray(ref["input_ids"])
   cache = model.init_cache(2, 32)
@@ -125,7 +126,7 @@ def test_kv_cache_decoding_matches_reference(arch):
 
 @needs_fixtures
 def test_bfloat16_load_keeps_float32_logits_close():
-  model, _ = models.load(str(FIXTURES / "gemma2"), dtype=jnp.bfloat16)
+  model, _, _ = models.load(str(FIXTURES / "gemma2"), dtype=jnp.bfloat16)
   assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
   ref = np.load(FIXTURES / "gemma2" / "reference.npz")
   out = _run(model, ref["input_ids"], ref["attention_mask"])
@@ -137,7 +138,7 @@ def test_bfloat16_load_keeps_float32_logits_close():
 
 @needs_fixtures
 def test_qkv_and_gate_up_quantize_their_shared_input_once():
-  model, cfg = models.load(str(FIXTURES / "llama3"))
+  model, cfg, _ = models.load(str(FIXTURES / "llama3"))
   fnnx.meld(model, rank=8)
   ids = jnp.zeros((2, 16), jnp.int32)
   hlo = _forward.lower(model, ids, jnp.ones_like(ids)).compile().as_text()
@@ -272,7 +273,7 @@ def _tiny(model_type, layers=2, hidden=32, **extra):
 def _delta_grads(model, ids):
   def loss(m):
     return jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])
-  return nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, fnnx.Delta)))(model)
+  return nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, fnnx.Melded)))(model)
 
 
 def test_remat_keeps_the_delta_gradients():
@@ -280,9 +281,10 @@ def test_remat_keeps_the_delta_gradients():
   fnnx.meld(model, rank=16)
   # Nonzero deltas, so the gradients also go through the delta term.
   keys = iter(jax.random.split(jax.random.key(1), 64))
-  for _, d in nnx.iter_graph(model):
-    if isinstance(d, fnnx.Delta):
-      d[...] = 0.01 * jax.random.normal(next(keys), d[...].shape)
+  for _, var in nnx.iter_graph(model):
+    if isinstance(var, fnnx.Melded):
+      mk = var.get_value()
+      var.set_value(mk.replace(delta=0.01 * jax.random.normal(next(keys), mk.delta.shape)))
   ids = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
   remat = nnx.clone(model)
   remat.remat = True
@@ -290,7 +292,7 @@ def test_remat_keeps_the_delta_gradients():
   again = dict(nnx.to_flat_state(_delta_grads(remat, ids)))
   assert len(plain) == len(again) == 14
   for path, g in plain:
-    g, h = np.asarray(g[...]), np.asarray(again[path][...])
+    g, h = np.asarray(g.get_value().delta), np.asarray(again[path].get_value().delta)
     # Remat recomputes the same ops in another program: f32 reassociation (~1e-7
     # relative per op, a few hundred in series) stays far below 2e-3 of the largest
     # entry. So does a rare e4m3 flip of one recomputed input element: 1/8 of one of
@@ -302,7 +304,7 @@ def test_remat_keeps_the_delta_gradients():
 
 def _residual_bytes(model, batch, seq):
   """Bytes the backward of a delta loss keeps from the forward (abstract: no compute)."""
-  graphdef, delta, rest = nnx.split(model, fnnx.Delta, ...)
+  graphdef, delta, rest = nnx.split(model, fnnx.Melded, ...)
   def loss(delta, rest, ids):
     return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, delta, rest)(ids))[..., 0])
   ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
@@ -355,7 +357,7 @@ def test_every_parameter_has_logical_axis_names(model_type):
 
 @needs_fixtures
 def test_load_keeps_the_axis_names():
-  model, _ = models.load(str(FIXTURES / "llama3"))
+  model, _, _ = models.load(str(FIXTURES / "llama3"))
   with nnx.logical_axis_rules(_RULES):
     specs = nnx.get_partition_spec(nnx.state(model))
   P = jax.sharding.PartitionSpec
@@ -394,17 +396,55 @@ def test_melded_weights_keep_the_kernels_axis_names_and_shard():
   fnnx.meld(model, rank=8)
   up = model.layers[0].mlp.up_proj
   assert isinstance(up, fnnx.MeldedLinear)
-  assert up.qweight.get_metadata()["out_sharding"] == ("mlp", "embed")  # (out + rank, in)
-  assert up.delta.get_metadata()["out_sharding"] == ("mlp", None)
+  assert up.kernel.get_metadata()["kernel_axes"] == ("embed", "mlp")
+  with nnx.logical_axis_rules(_RULES):
+    spec = fnnx.get_partition_spec(nnx.state(model))["layers"][0]["mlp"]["up_proj"]
+  P = jax.sharding.PartitionSpec
+  mk_spec = spec["kernel"].get_value()
+  assert (mk_spec.qweight, mk_spec.scale, mk_spec.delta) == (P("model", "data"), P(), P("model", None))
   ids = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   mask = jnp.ones((2, 16), jnp.int32)
   want = _run(model, ids, mask)
   mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with nnx.logical_axis_rules(_RULES):
-    shardings = nnx.get_named_sharding(nnx.state(model), mesh)
+    shardings = fnnx.get_named_sharding(nnx.state(model), mesh)
   nnx.update(model, jax.device_put(nnx.state(model), shardings))
-  assert up.qweight[...].sharding.spec == jax.sharding.PartitionSpec("model", "data")
+  assert up.kernel.get_value().qweight.sharding.spec == jax.sharding.PartitionSpec("model", "data")
   got = _run(model, ids, mask)
   # The same FP8 GEMMs split over devices: f32 reassociation only (as the unmelded case),
   # unless an activation's FP8 rounding flips on it; 1e-3 of the scale allows a few flips.
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch,targets", [("llama3_sharded", None), ("gpt2", r"attn/c_attn")])
+def test_melding_while_loading_equals_melding_after(arch, targets):
+  kw = dict(init="random", key=jax.random.key(5), targets=targets)
+  loaded = models.load(str(FIXTURES / arch), rank=8, **kw)
+  model, _, _ = models.load(str(FIXTURES / arch))
+  report = fnnx.meld(model, rank=8, **kw)
+  assert loaded.report == report and len(report.melded) > 1
+  got, want = fnnx.kernels(loaded.model), fnnx.kernels(model)
+  assert list(got) == list(want)
+  for path in want:  # the same bytes: the same per-layer keys and the same quantization
+    for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want[path])):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  a_rows = [np.asarray(k.lora_a(jnp.float32)) for k in want.values()]
+  assert not np.array_equal(a_rows[0], a_rows[1])  # every layer its own random A
+  # The rest of the model (norms, embeddings, biases) is the same too.
+  rest = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, rest(loaded.model), rest(model))
+
+
+def test_split_gives_melded_kernel_leaves_and_the_same_logits():
+  model = models.CausalLM(_tiny("qwen3", **_FAMILY_CONFIGS["qwen3"]), rngs=nnx.Rngs(0))
+  fnnx.meld(model, rank=8)
+  fmodel, params = models.split(model)
+  kernels = [x for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, falqon_jax.MeldedKernel))
+             if isinstance(x, falqon_jax.MeldedKernel)]
+  assert len(kernels) == 7 * 2
+  assert hash(fmodel) == hash(models.split(model)[0])  # a jit static argument
+  ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  apply = jax.jit(fmodel.apply, static_argnames="remat")
+  # One compiled program either way: the same numbers.
+  np.testing.assert_array_equal(apply(params, ids), jax.jit(lambda m, i: m(i))(model, ids))

@@ -39,7 +39,7 @@ def test_meld_in_place_swaps_targets_only():
   assert [m.path for m in report.melded] == ["layers/0/kernel", "layers/1/kernel"]
   assert isinstance(model.layers[0], fnnx.MeldedLinear)
   assert isinstance(model.lm_head, nnx.Linear)
-  assert model.layers[0].qweight[...].dtype == jnp.float8_e4m3fn
+  assert model.layers[0].kernel.get_value().qweight.dtype == jnp.float8_e4m3fn
   assert model.layers[0](jnp.ones((2, 64))).shape == (2, 128)
 
 
@@ -51,7 +51,7 @@ def test_zero_delta_equals_dequantized_backbone():
   x = jax.random.normal(jax.random.key(2), (8, 64))
   sx = fp8.compute_scale(x, fp8.E4M3)
   xdq = fp8.dequantize(fp8.quantize(x, sx, fp8.E4M3), sx)
-  want = xdq @ layer.kernel.backbone() + layer.bias[...]
+  want = xdq @ layer.kernel.get_value().backbone() + layer.bias[...]
   np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
@@ -59,16 +59,20 @@ def test_split_merge_and_only_delta_is_differentiable():
   model = Tiny(nnx.Rngs(0))
   fnnx.meld(model, rank=16)
   ids = _ids()
-  graphdef, deltas, frozen, rest = nnx.split(model, fnnx.Delta, fnnx.FP8Weight, ...)
-  assert [x.shape for x in jax.tree.leaves(deltas)] == [(128, 16), (64, 16)]
-  fp8_dtypes = {x.dtype for x in jax.tree.leaves(frozen)}
-  assert jnp.dtype(jnp.float8_e4m3fn) in fp8_dtypes
-  again = nnx.merge(graphdef, deltas, frozen, rest)
+  graphdef, melded, rest = nnx.split(model, fnnx.Melded, ...)
+  kernels = jax.tree.leaves(nnx.to_pure_dict(melded), is_leaf=lambda x: isinstance(x, falqon_jax.MeldedKernel))
+  # The model's state holds each melded layer as one MeldedKernel leaf.
+  assert all(isinstance(k, falqon_jax.MeldedKernel) for k in kernels)
+  assert [k.delta.shape for k in kernels] == [(128, 16), (64, 16)]
+  assert {k.qweight.dtype for k in kernels} == {jnp.dtype(jnp.float8_e4m3fn)}
+  again = nnx.merge(graphdef, melded, rest)
   np.testing.assert_array_equal(again(ids), model(ids))
-  grads = nnx.grad(_loss, argnums=nnx.DiffState(0, fnnx.Delta))(model, ids)
+  grads = nnx.grad(_loss, argnums=nnx.DiffState(0, fnnx.Melded))(model, ids)
   leaves = [v for _, v in nnx.to_flat_state(grads)]
-  assert len(leaves) == 2 and all(isinstance(v, fnnx.Delta) for v in leaves)
-  assert all(np.any(np.asarray(v[...]) != 0) for v in leaves)
+  assert len(leaves) == 2 and all(isinstance(v, fnnx.Melded) for v in leaves)
+  assert all(np.any(np.asarray(v.get_value().delta) != 0) for v in leaves)
+  # No weight gradient: the FP8 rows and scales get zero cotangents.
+  assert not any(np.any(np.asarray(v.get_value().qweight, np.float32)) for v in leaves)
 
 
 @pytest.mark.slow
@@ -77,21 +81,21 @@ def test_loss_falls_with_nnx_jit_and_optimizer():
   fnnx.meld(model, rank=16)
   opt = fnnx.Optimizer(model, optax.adam(1e-1))
   ids = _ids(1)
-  q0 = np.asarray(model.layers[0].qweight[...], np.float32)
+  q0 = np.asarray(model.layers[0].kernel.get_value().qweight, np.float32)
   head0 = np.asarray(model.lm_head.kernel[...])
 
   @nnx.jit
   def step(model, opt, ids):
-    loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, fnnx.Delta))(model, ids)
+    loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, fnnx.Melded))(model, ids)
     opt.update(model, grads)
     return loss
 
   losses = [float(step(model, opt, ids)) for _ in range(30)]
   assert losses[-1] < losses[0] - 0.03, losses
   assert int(opt.step[...]) == 30
-  assert not np.array_equal(np.asarray(model.layers[0].qweight[...], np.float32), q0)
+  assert not np.array_equal(np.asarray(model.layers[0].kernel.get_value().qweight, np.float32), q0)
   np.testing.assert_array_equal(model.lm_head.kernel[...], head0)  # frozen
-  assert not np.any(np.asarray(model.layers[0].delta[...]))  # reset after each merge
+  assert not np.any(np.asarray(model.layers[0].kernel.get_value().delta))  # reset after each merge
 
 
 def test_bad_input():
@@ -110,7 +114,7 @@ def test_same_shape_layers_get_their_own_random_a():
 
   model = TwoSame(nnx.Rngs(0))
   fnnx.meld(model, rank=16, init="random", key=jax.random.key(3))
-  a0, a1 = (np.asarray(l.kernel.lora_a(jnp.float32)) for l in model.layers)
+  a0, a1 = (np.asarray(l.kernel.get_value().lora_a(jnp.float32)) for l in model.layers)
   assert not np.array_equal(a0, a1)  # one key per layer, as falqon_jax.meld gives
   # The same A as melding the equivalent params tree (the same per-leaf keys).
   tree, _ = falqon_jax.meld({"layers": {str(i): {"kernel": jnp.asarray(

@@ -9,6 +9,7 @@ way 4.x derived it when the config has none.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Optional
 
@@ -79,6 +80,13 @@ class ModelConfig:
   sliding_window: Optional[int] = None
   attn_softcap: Optional[float] = None
   final_softcap: Optional[float] = None
+  # The config.json it was parsed from (as JSON text: hashable), for exports to write back.
+  # Not compared: two configs that build the same model are equal.
+  hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+  def to_hf(self) -> dict:
+    """The HF config.json dict this config was parsed from."""
+    return json.loads(self.hf_json)
 
   def rope_for(self, layer_type: str) -> Optional[Rope]:
     return dict(self.rope)[layer_type]
@@ -86,7 +94,9 @@ class ModelConfig:
   @classmethod
   def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
     """Parses a HF ``config.json`` dict; a bad or unsupported one is a one-line error."""
-    return _parse(hf, where)
+    if not isinstance(hf, dict):
+      raise UserInputError(f"{where}: not a JSON object; pass the model's config.json")
+    return dataclasses.replace(_parse(hf, where), hf_json=json.dumps(hf, sort_keys=True))
 
 
 def _need(hf: dict, where: str, *keys: str) -> Any:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from falqon_jax import nnx as fnnx
+from falqon_jax._meld import MeldedLayer, MeldReport, _matcher, meld_leaf
+from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
 from falqon_jax.hf import _safetensors as st
 from falqon_jax.models._config import ModelConfig
@@ -53,25 +57,91 @@ def hf_name(cfg: ModelConfig, path: tuple) -> tuple[str, bool]:
   return ".".join([*mods, name]), transposed
 
 
-def load(folder: str, dtype=jnp.float32) -> tuple[CausalLM, ModelConfig]:
-  """Loads a local HF causal-LM folder: ``(model, config)``, without torch or transformers.
+class Loaded(NamedTuple):
+  """What :func:`load` returns.
+
+  Attributes:
+    model: the :class:`CausalLM`; melded layers are ``falqon_jax.nnx.MeldedLinear`` s.
+    config: its :class:`ModelConfig`.
+    report: the :class:`~falqon_jax.MeldReport` when ``rank`` was given, else None.
+  """
+
+  model: CausalLM
+  config: ModelConfig
+  report: Optional[MeldReport]
+
+
+def _dequant_scale(weight_scale) -> np.float32:
+  """The scale ``s`` (raw = value * s) whose f32 reciprocal is exactly ``weight_scale``, so
+  a reloaded FP8 export computes what the exported model computed."""
+  ws = np.float32(np.asarray(weight_scale, np.float32).reshape(-1)[0])
+  s = np.float32(1.0) / ws
+  cands = [s]
+  for _ in range(2):
+    cands += [np.nextafter(cands[-2 if len(cands) > 1 else 0], np.float32(d))
+              for d in (np.inf, -np.inf)]
+  for cand in cands:
+    if np.float32(1.0) / cand == ws:
+      return cand
+  return s
+
+
+def _fp8_kernel(q: np.ndarray, weight_scale, transposed: bool) -> MeldedKernel:
+  """A rank-0 melded kernel from an FP8 export's ``weight`` and ``weight_scale``."""
+  q = np.ascontiguousarray(q.T) if transposed else np.asarray(q)  # to (out, in)
+  out_f, in_f = q.shape
+  return MeldedKernel(qweight=jnp.asarray(q), scale=jnp.asarray(_dequant_scale(weight_scale)),
+                      delta=jnp.zeros((out_f, 0), jnp.float32), in_features=in_f,
+                      out_features=out_f, rank=0)
+
+
+def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=None,
+         **meld_kwargs) -> Loaded:
+  """Loads a local HF causal-LM folder without torch or transformers' model classes.
 
   Weights come from ``model.safetensors`` or the shards a ``model.safetensors.index.json``
   lists, read one tensor at a time and cast to ``dtype``. A tensor whose shape does not
   match config.json, a missing tensor or an unexpected one is a one-line error. Values are
   set into the model's variables, so their logical axis names (``out_sharding``) stay.
+
+  With ``rank``, each targeted projection is melded as soon as its tensor is read, so the
+  full-precision model never sits in memory whole; the result equals loading and then
+  :func:`falqon_jax.nnx.meld` with the same ``targets`` / ``init`` / ``key`` /
+  ``scaling`` (each layer folds its own index into ``key``). A folder written by
+  :func:`falqon_jax.export.save_fp8` loads its FP8 weights as rank-0 melded layers (the A
+  rows were dropped: for inference and export).
+
+  Example:
+    >>> from falqon_jax import models
+    >>> model, config, report = models.load("path/to/Llama-3.2-1B", rank=64)  # doctest: +SKIP
   """
   cfg = read_config(folder)
+  hf = cfg.to_hf()
+  fp8 = (hf.get("quantization_config") or {}).get("quant_method") == "fp8"
   model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+  match = None if targets is None else _matcher(targets)
+  plan = {}
+  if rank is not None:
+    if fp8:
+      raise UserInputError(f"{folder} is an FP8 export (its A rows were dropped); fine-tune"
+                           " the base model or a bf16 export, or load this one without rank")
+    if meld_kwargs.get("init") == "random" and meld_kwargs.get("key") is None:
+      raise UserInputError('init="random" needs key=jax.random.key(...)')
+    plan = {tuple(path): (linear, index)
+            for path, linear, index in fnnx.meld_plan(model, match, targets)}
   want = {}
   for path, var in nnx.iter_graph(model):
     if isinstance(var, nnx.Variable):
       name, transposed = hf_name(cfg, path)
-      want[name] = (var, transposed)
-  filled = set()
+      want[name] = (tuple(path), var, transposed)
+  filled, melded, skipped, scales, fp8_weights = set(), {}, {}, {}, {}
   for file in _weight_files(folder):
     for name, arr in st.iter_tensors(file):
       key = name.removeprefix("transformer.") if cfg.model_type == "gpt2" else name
+      if fp8 and key.endswith((".weight_scale", ".input_scale")):
+        if key.endswith(".weight_scale"):
+          scales[key.removesuffix("_scale")] = np.array(arr)
+        continue
       if key not in want:
         if key.endswith(_IGNORED) or (cfg.tie_embeddings and key == "lm_head.weight"):
           continue
@@ -79,7 +149,7 @@ def load(folder: str, dtype=jnp.float32) -> tuple[CausalLM, ModelConfig]:
             f"{file}: unexpected tensor {name!r} for this config.json; the checkpoint and"
             " config do not match"
         )
-      var, transposed = want[key]
+      path, var, transposed = want[key]
       shape = tuple(var.get_value().shape)
       hf_shape = shape[::-1] if transposed else shape
       if tuple(arr.shape) != hf_shape:
@@ -87,13 +157,48 @@ def load(folder: str, dtype=jnp.float32) -> tuple[CausalLM, ModelConfig]:
             f"{file}: tensor {name!r} has shape {tuple(arr.shape)}, config.json implies"
             f" {hf_shape}; the checkpoint and config do not match"
         )
-      value = np.asarray(arr)
-      var.set_value(jnp.asarray(value.T if transposed else value, dtype=dtype))
       filled.add(key)
+      if arr.dtype == st.DTYPES["F8_E4M3"]:
+        fp8_weights[key] = (path, np.array(arr), transposed)
+        continue
+      value = np.asarray(arr)
+      value = jnp.asarray(value.T if transposed else value, dtype=dtype)
+      linear_path = path[:-1]
+      if path[-1] == "kernel" and linear_path in plan:
+        linear, index = plan[linear_path]
+        mk, entry = meld_leaf("/".join(map(str, path)), value, index, rank, match,
+                              **meld_kwargs)
+        if isinstance(entry, MeldedLayer):
+          melded[linear_path] = (mk, entry)
+          continue
+        if entry is not None:
+          skipped[linear_path] = entry
+      var.set_value(value)
   missing = sorted(set(want) - filled)
   if missing:
     raise UserInputError(
         f"{folder}: checkpoint has no tensor {missing[0]!r} ({len(missing)} missing); the"
         " checkpoint and config do not match"
     )
-  return model, cfg
+  for key, (path, q, transposed) in fp8_weights.items():
+    if key not in scales:
+      raise UserInputError(f"{folder}: FP8 tensor {key!r} has no {key}_scale; re-export it")
+    # GPT-2's Conv1D weights are stored (in, out): the transpose of torch's Linear layout.
+    linear = _module(model, path[:-1])
+    fnnx.swap_in(model, path[:-1], linear, _fp8_kernel(q, scales[key], not transposed))
+  for linear_path, (mk, _) in melded.items():
+    fnnx.swap_in(model, linear_path, plan[linear_path][0], mk)
+  report = None
+  if rank is not None:  # in the order falqon_jax.nnx.meld reports
+    layers = tuple(melded[p][1] for p in plan if p in melded)
+    if targets is not None and not layers:
+      raise UserInputError(f"targets {targets!r} matched no projection of {folder}")
+    report = MeldReport(layers, tuple(skipped[p] for p in plan if p in skipped))
+  return Loaded(model, cfg, report)
+
+
+def _module(model, path):
+  node = model
+  for k in path:
+    node = node[k] if isinstance(k, int) else getattr(node, k)
+  return node
