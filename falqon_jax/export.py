@@ -58,7 +58,7 @@ import numpy as np
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
 from falqon_jax.hf import _arch
-from falqon_jax.hf import _safetensors as st
+from falqon_jax import _safetensors as st
 
 __all__ = ["save_fp8", "save_bf16"]
 

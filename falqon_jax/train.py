@@ -10,12 +10,21 @@ The loss is the token-weighted mean next-token NLL over ``loss_mask`` (response 
 pads are masked, unlike the reference). Only the ΔBuffers are trained; clipping, schedule
 and gradient accumulation live in the :func:`falqon_jax.proxy_update` optimizer.
 
+The model is a :class:`falqon_jax.models.Functional` with its params (from
+:func:`falqon_jax.models.split`), or any object with the same
+``apply(params, input_ids, attention_mask, positions, remat=...) -> logits``.
+
 Example:
   >>> import jax, optax, falqon_jax
-  >>> import falqon_jax.hf as fh
-  >>> from falqon_jax import train
-  >>> model = fh.build_model(fh.tiny_config("llama"))
-  >>> params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+  >>> from flax import nnx
+  >>> from falqon_jax import models, train
+  >>> from falqon_jax import nnx as fnnx
+  >>> cfg = models.ModelConfig.from_hf({"model_type": "llama", "vocab_size": 256,
+  ...     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+  ...     "num_attention_heads": 4})
+  >>> lm = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  >>> report = fnnx.meld(lm, rank=16)
+  >>> model, params = models.split(lm)
   >>> tx = falqon_jax.proxy_update(optax.adam(2e-3))
   >>> state = train.TrainState.create(params, tx)
   >>> batch = train.example_batch(jax.random.key(1), batch_size=4, seq_len=16, vocab=256)
@@ -26,21 +35,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import re
 from typing import Any, Callable, NamedTuple, Optional
 
-import flax.linen as nn
-
 import jax
-import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import falqon_jax
-from falqon_jax import linen as falqon_linen
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
 
@@ -71,46 +74,22 @@ def next_token_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Arra
   return jnp.sum(nll * weight), jnp.sum(weight)
 
 
-LAYER_OUTPUT = "falqon_layer_output"
-_LAYER_CLASS = re.compile(r"(DecoderLayer|Block)$")  # HF Flax decoder blocks
-
-
-def _tag_layer_outputs(next_fun, args, kwargs, context):
-  """Names each decoder block's output, so a remat policy can save exactly those."""
-  out = next_fun(*args, **kwargs)
-  if context.method_name == "__call__" and _LAYER_CLASS.search(type(context.module).__name__):
-    if isinstance(out, tuple):
-      return (jax.ad_checkpoint.checkpoint_name(out[0], LAYER_OUTPUT),) + tuple(out[1:])
-    return jax.ad_checkpoint.checkpoint_name(out, LAYER_OUTPUT)
-  return out
-
-
-def forward(model, params, batch: Batch, *, train: bool = False, remat: bool = False) -> jax.Array:
-  """Logits of an HF Flax causal LM on (possibly) melded params."""
-  tag = nn.intercept_methods(_tag_layer_outputs) if remat else contextlib.nullcontext()
-  with falqon_linen.melded(), tag:
-    return model(
-        batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        params=params,
-        train=train,
-    ).logits
+def forward(model, params, batch: Batch, *, remat: bool = False) -> jax.Array:
+  """Logits of a (possibly melded) causal LM on a batch."""
+  return model.apply(params, batch["input_ids"], batch.get("attention_mask"),
+                     batch.get("position_ids"), remat=remat)
 
 
 def make_loss_fn(model, *, remat: bool = False) -> Callable:
   """``loss_sum(params, batch) -> (nll_sum, n_targets)``.
 
-  With ``remat``, only each decoder block's output (the residual stream) is saved for the
-  backward pass; everything inside a block, melded layers included, is recomputed.
+  With ``remat``, only each decoder layer's output (the residual stream) is saved for the
+  backward pass; everything inside a layer, melded layers included, is recomputed.
   """
 
   def loss_sum(params, batch):
     return next_token_nll(forward(model, params, batch, remat=remat), batch)
 
-  if remat:
-    policy = jax.checkpoint_policies.save_only_these_names(LAYER_OUTPUT)
-    return jax.checkpoint(loss_sum, policy=policy)
   return loss_sum
 
 

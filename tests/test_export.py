@@ -15,7 +15,7 @@ import falqon_jax
 import falqon_jax.hf as fh
 from falqon_jax import export
 from falqon_jax import linen as fl
-from falqon_jax.hf import _safetensors as st
+from falqon_jax import _safetensors as st
 
 IDS = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) * 7 % 256
 

@@ -10,7 +10,7 @@ import jax
 
 import falqon_jax.hf as fh
 from falqon_jax import export
-from falqon_jax.hf import _safetensors as st
+from falqon_jax import _safetensors as st
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from flax.traverse_util import flatten_dict
 
 import falqon_jax
 import falqon_jax.hf as fh
-from falqon_jax.hf import _safetensors as st
+from falqon_jax import _safetensors as st
 
 FAMILIES = ["llama", "mistral", "gemma", "gpt2"]
 

@@ -17,7 +17,7 @@ from falqon_jax import models
 from falqon_jax import nnx as fnnx
 from falqon_jax import train
 from falqon_jax.errors import UserInputError
-from falqon_jax.hf import _safetensors as st
+from falqon_jax import _safetensors as st
 from falqon_jax.models import _config, _decoder
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf-tiny"

@@ -17,7 +17,7 @@ import falqon_jax.hf as fh  # noqa: E402
 from falqon_jax import checkpoint, cli, config, data, export, fp8, kernels, train  # noqa: E402
 from falqon_jax import eval as fe  # noqa: E402
 from falqon_jax.errors import UserInputError  # noqa: E402
-from falqon_jax.hf import _safetensors as st  # noqa: E402
+from falqon_jax import _safetensors as st  # noqa: E402
 
 TOK = data.ByteTokenizer()  # vocab 272: the tiny models below share it
 

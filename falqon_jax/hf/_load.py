@@ -14,7 +14,7 @@ from falqon_jax._meld import MeldReport, _matcher
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
 from falqon_jax.hf import _arch
-from falqon_jax.hf import _safetensors as st
+from falqon_jax import _safetensors as st
 
 INDEX = st.INDEX
 MSGPACK = "flax_model.msgpack"

@@ -41,12 +41,12 @@ Example:
   dtype('float32')
 """
 
-from falqon_jax.models._config import FAMILIES, ROPE_TYPES, ModelConfig, Rope
+from falqon_jax.models._config import FAMILIES, ROPE_TYPES, ModelConfig, Rope, tiny_config
 from falqon_jax.models._decoder import LAYER_OUTPUT, CausalLM, KVCache
 from falqon_jax.models._functional import Functional, split
 from falqon_jax.models._load import Loaded, hf_name, load, read_config
 
 __all__ = [
     "CausalLM", "FAMILIES", "Functional", "KVCache", "LAYER_OUTPUT", "Loaded", "ModelConfig",
-    "ROPE_TYPES", "Rope", "hf_name", "load", "read_config", "split",
+    "ROPE_TYPES", "Rope", "hf_name", "load", "read_config", "split", "tiny_config",
 ]

@@ -99,6 +99,23 @@ class ModelConfig:
     return dataclasses.replace(_parse(hf, where), hf_json=json.dumps(hf, sort_keys=True))
 
 
+def tiny_config(model_type: str = "llama", **overrides) -> ModelConfig:
+  """A tiny config (hidden 64, 2 layers, 4 heads, vocab 256) for tests and examples;
+  ``overrides`` are HF config.json keys.
+
+  Example:
+    >>> tiny_config("qwen3", num_hidden_layers=1).num_layers
+    1
+  """
+  base = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=128, num_key_value_heads=2, max_position_embeddings=128)
+  if model_type == "gpt2":
+    base = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+  if model_type in ("mistral", "gemma2", "gemma3_text"):
+    base["sliding_window"] = 32
+  return ModelConfig.from_hf({"model_type": model_type, **base, **overrides}, "tiny_config")
+
+
 def _need(hf: dict, where: str, *keys: str) -> Any:
   for k in keys:
     if hf.get(k) is not None:

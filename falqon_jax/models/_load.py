@@ -13,7 +13,7 @@ from falqon_jax import nnx as fnnx
 from falqon_jax._meld import MeldedLayer, MeldReport, _matcher, meld_leaf
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
-from falqon_jax.hf import _safetensors as st
+from falqon_jax import _safetensors as st
 from falqon_jax.models._config import ModelConfig
 from falqon_jax.models._decoder import CausalLM
 
