@@ -55,26 +55,24 @@ def load_for_inference(folder: str):
   """``(model, params, tokenizer, config_or_None)`` from a run folder or an HF folder."""
   import jax
 
-  import falqon_jax.hf as fh
   from falqon_jax import checkpoint as ckpt_lib
   from falqon_jax import data as data_lib
-  from falqon_jax import finetune, train
+  from falqon_jax import finetune, models, train
 
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder!r} is not a folder: pass a run folder or an HF model folder")
   if os.path.exists(os.path.join(folder, "config.json")):
-    loaded = fh.load(folder)
+    loaded = models.load(folder)
     tokenizer = data_lib.load_tokenizer(folder if _has_tokenizer(folder) else None)
-    data_lib.check_vocabulary(tokenizer, loaded.model.config.vocab_size, folder)
-    return loaded.model, loaded.params, tokenizer, None
+    data_lib.check_vocabulary(tokenizer, loaded.config.vocab_size, folder)
+    return (*models.split(loaded.model), tokenizer, None)
   config_path = os.path.join(folder, "config.yaml")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{folder!r} holds neither config.json (an HF model) nor"
                             " config.yaml (a falqon-jax run)")
   saved = config_lib.load_file(config_path)
   cfg = config_lib.resolve(FinetuneConfig, file_values={**saved, "output_dir": folder})
-  model, params, tokenizer, model_id = finetune.load_model(cfg, folder)
-  params, report = finetune.meld(cfg, model, params)
+  model, params, tokenizer, model_id, report = finetune.load_model(cfg, folder)
   tx, _ = finetune._optimizer(cfg)
   template = train.TrainState.create(params, tx)
   checkpoints = ckpt_lib.Checkpointer(

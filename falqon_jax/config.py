@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 
 from falqon_jax.errors import UserInputError
+from falqon_jax.models._decoder import ATTENTION
 
 
 class ConfigError(UserInputError):
@@ -83,7 +84,8 @@ class FinetuneConfig:
   target_max_len: int = _field(512, "max tokens of a response; longer ones are cut", ge=1)
   pack: bool = _field(False, "pack several examples into each row")
   # Model execution.
-  dtype: str = _field("bfloat16", "compute dtype of the model")
+  dtype: str = _field("bfloat16", "dtype of the model's unmelded weights and its compute")
+  attention: str = _field("xla", "xla: runs anywhere; cudnn: flash attention (NVIDIA GPUs)")
   remat: bool = _field(False, "recompute activations in the backward pass (less memory)")
   parallel: str = _field("jit", "jit: sharded jax.jit over a device mesh; pmap: replicated")
   fsdp: bool = _field(False, "also shard melded kernels over the devices (jit only)")
@@ -119,6 +121,7 @@ CHOICES = {
     "rounding": ("nearest", "stochastic"),
     "lr_schedule": ("constant", "cosine", "linear"),
     "dtype": ("bfloat16", "float32"),
+    "attention": ATTENTION,
     "parallel": ("jit", "pmap"),
 }
 

@@ -1,36 +1,37 @@
-"""Evaluate HF Flax causal LMs, melded or not: perplexity, MMLU-style multiple choice,
-exact match, and text generation.
+"""Evaluate causal LMs, melded or not: perplexity, MMLU-style multiple choice, exact
+match, and text generation.
 
-Every function takes ``(model, params, tokenizer, ...)``: a transformers Flax causal LM
-(Llama, Mistral, Gemma, GPT-2; e.g. from :func:`falqon_jax.hf.load` or
-:func:`falqon_jax.hf.build_model`), its params (plain arrays, or
-:class:`~falqon_jax.MeldedKernel` s; the forward always runs inside
-:func:`falqon_jax.linen.melded`, which leaves plain kernels alone), and a tokenizer: any
-object with ``encode(text, add_bos=..., add_eos=...) -> list[int]``, ``decode(ids) -> str``,
-``pad_id``, ``bos_id``, ``eos_id`` and ``vocab_size`` (e.g. ``falqon_jax.data.ByteTokenizer``).
+Every function takes ``(model, params, tokenizer, ...)``: a
+:class:`falqon_jax.models.Functional` and its params tree (plain arrays, or
+:class:`~falqon_jax.MeldedKernel` leaves), e.g. ``models.split(models.load(folder).model)``,
+and a tokenizer: any object with ``encode(text, add_bos=..., add_eos=...) -> list[int]``,
+``decode(ids) -> str``, ``pad_id``, ``bos_id``, ``eos_id`` and ``vocab_size`` (e.g.
+``falqon_jax.data.ByteTokenizer``).
 
 Melded layers quantize their input with one scale per tensor (FALQON's forward, and
 vLLM's dynamic FP8), so a whole ``[batch, seq]`` block shares the scale: a melded model's
-scores shift slightly (about 1e-4 relative on the tiny test models) with ``batch_size``
-and padding. Plain params are unaffected.
+scores shift slightly with ``batch_size`` and padding (its activations round to FP8 under
+another scale), and its cached generation, which quantizes each step's new tokens alone,
+can differ slightly from a full recomputation. Plain params are unaffected.
 
 Forwards are jitted with fixed shapes: each call pads its rows to one width and its last
 batch to ``batch_size``, so a call compiles once, and a repeated call with the same model
 object and shapes (periodic eval during training) compiles nothing.
 
 Example:
-  >>> import jax, falqon_jax.hf as fh
-  >>> from falqon_jax import eval as fe
+  >>> from flax import nnx
+  >>> from falqon_jax import eval as fe, models, nnx as fnnx
   >>> class Bytes:  # any object with this interface, e.g. falqon_jax.data.ByteTokenizer
   ...   pad_id, bos_id, eos_id, vocab_size = 256, 257, 258, 259
   ...   def encode(self, text, add_bos=False, add_eos=False):
   ...     return [self.bos_id] * add_bos + list(text.encode()) + [self.eos_id] * add_eos
   ...   def decode(self, ids):
   ...     return bytes(i for i in ids if i < 256).decode(errors="replace")
-  >>> model = fh.build_model(fh.tiny_config("llama", vocab_size=259))
-  >>> params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+  >>> lm = models.CausalLM(models.tiny_config("llama", vocab_size=259), rngs=nnx.Rngs(0))
+  >>> _ = fnnx.meld(lm, rank=16)
+  >>> model, params = models.split(lm)
   >>> result = fe.perplexity(model, params, Bytes(), ["hello world", "melded FP8"])
-  >>> result["tokens"], 200 < result["perplexity"] < 320  # untrained: about the vocab size
+  >>> result["tokens"], 200 < result["perplexity"] < 500  # untrained: near the vocab size
   (21, True)
 """
 
@@ -48,9 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from falqon_jax import models
 from falqon_jax._melded_kernel import is_int
 from falqon_jax.errors import UserInputError
-from falqon_jax.linen import melded
 
 __all__ = [
     "perplexity",
@@ -70,11 +71,15 @@ _WIDTH_MULTIPLE = 16  # row widths round up to this, so nearby lengths share one
 
 
 def _max_positions(model) -> int:
-  # GPT-2's n_positions is aliased as max_position_embeddings by its config class.
-  return int(getattr(model.config, "max_position_embeddings", None) or 2**31 - 1)
+  return int(model.config.max_position_embeddings)
 
 
 def _check_tokenizer(model, tokenizer) -> None:
+  if not isinstance(model, models.Functional):
+    raise TypeError(
+        f"model must be a falqon_jax.models.Functional, got {type(model).__name__}; pass"
+        " model, params = falqon_jax.models.split(causal_lm)"
+    )
   for attr in ("encode", "decode", "pad_id", "bos_id", "eos_id", "vocab_size"):
     if not hasattr(tokenizer, attr):
       raise TypeError(
@@ -113,9 +118,8 @@ def _row_logprobs(model, params, ids, attn, weights):
   Rows are right padded (``attn`` 0 on pads), so the default positions 0..T-1 are the
   true ones and the causal mask keeps pads out of every real token's context.
   """
-  with melded():
-    logits = model(ids, attention_mask=attn, params=params).logits
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  logits = model.apply(params, ids, attention_mask=attn)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
   return jnp.sum(tok * weights[:, 1:].astype(jnp.float32), axis=-1)
 
@@ -476,21 +480,14 @@ def _decode(model, static, params, prompt, prompt_mask, done, limit, temperature
   """
   max_new, sample, n_vocab, eos_id, fill = static
   batch, plen = prompt.shape
-  total = plen + max_new
-  # HF's init_cache runs a full random init to get the cache's shapes; its values are
-  # zeros, so take the shapes abstractly and skip the init.
-  shapes = jax.eval_shape(lambda: model.init_cache(batch, total))
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  # Cache slots past the prompt are opened one step at a time by the cache index, so
-  # the mask only needs to close the left pads (as HF's own generate builds it).
-  attn = jnp.ones((batch, total), jnp.int32).at[:, :plen].set(prompt_mask)
+  cache = model.init_cache(params, batch, plen + max_new)
   pos = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+  step_mask = jnp.ones((batch, 1), jnp.int32)  # every decoded token is valid
 
-  def forward(ids, pos, cache):
-    with melded():
-      out = model(ids, attention_mask=attn, position_ids=pos, params=params,
-                  past_key_values=cache)
-    return out.logits[:, -1].astype(jnp.float32), out.past_key_values
+  def forward(ids, mask, pos, cache):
+    # The cache remembers which slots are pads, so the mask covers the new tokens only.
+    logits, cache = model.apply(params, ids, attention_mask=mask, positions=pos, cache=cache)
+    return logits[:, -1], cache
 
   def choose(logits, key):
     vocab = logits.shape[-1]
@@ -504,7 +501,7 @@ def _decode(model, static, params, prompt, prompt_mask, done, limit, temperature
     logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
-  logits, cache = forward(prompt, pos, cache)
+  logits, cache = forward(prompt, prompt_mask, pos, cache)
   buf = jnp.full((batch, max_new), fill, jnp.int32)
 
   def cond(state):
@@ -517,7 +514,7 @@ def _decode(model, static, params, prompt, prompt_mask, done, limit, temperature
     tok = jnp.where(done, fill, choose(logits, sub))
     buf = buf.at[:, i].set(tok)
     done = done | (tok == eos_id)
-    logits, cache = forward(tok[:, None], next_pos[:, None], cache)
+    logits, cache = forward(tok[:, None], step_mask, next_pos[:, None], cache)
     return i + 1, buf, logits, cache, next_pos + 1, done, key
 
   state = (jnp.int32(0), buf, logits, cache, pos[:, -1] + 1, done, key)
@@ -603,9 +600,8 @@ def generate(
 ) -> list[str]:
   """Completes each prompt: greedy (``temperature=0``) or sampled; returns the new text.
 
-  Our own decoding loop, not HF's ``model.generate``: one jitted function per shape
-  prefills the left-padded prompts into the model's KV cache (the HF Flax
-  ``past_key_values`` cache), then runs a ``lax.while_loop`` over a preallocated
+  One jitted function per shape prefills the left-padded prompts into the model's KV
+  cache (``model.init_cache``), then runs a ``lax.while_loop`` over a preallocated
   ``[batch_size, max_new_tokens]`` buffer, one token per step, until every row has
   emitted EOS or the buffer is full. Sampling divides the logits by ``temperature``,
   keeps the ``top_k`` largest (all when None), and draws from ``jax.random.key(seed)``

@@ -1,4 +1,5 @@
-"""Export melded HF Flax models as Hugging Face folders: FP8 for vLLM, or dequantized bf16.
+"""Export melded ``falqon_jax.models`` causal LMs as Hugging Face folders: FP8 for vLLM, or
+dequantized bf16.
 
 FALQON trains straight into the FP8 backbone, so the FP8 export is the trained weights
 themselves, with no post-training quantization.
@@ -33,11 +34,18 @@ reloads them with our loader.
 
 vLLM's fp8 format is per-tensor only, so kernels melded with ``scaling="row"`` are refused.
 
+Tensor names and layouts are those transformers' ``save_pretrained`` writes for the
+family (:func:`falqon_jax.models.hf_name`; GPT-2 under ``transformer.``, tied models
+without ``lm_head.weight``), and ``config.json`` is the model's own
+(``ModelConfig.to_hf``), so transformers, vLLM and :func:`falqon_jax.models.load` read
+the folder.
+
 Example:
-  >>> import jax, falqon_jax.hf as fh
-  >>> from falqon_jax import export
-  >>> model = fh.build_model(fh.tiny_config("llama"))
-  >>> params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+  >>> from flax import nnx
+  >>> from falqon_jax import export, models, nnx as fnnx
+  >>> lm = models.CausalLM(models.tiny_config("llama"), rngs=nnx.Rngs(0))
+  >>> report = fnnx.meld(lm, rank=16)
+  >>> model, params = models.split(lm)
   >>> export.save_fp8("/tmp/falqon-doctest-fp8", model, params, overwrite=True)
   '/tmp/falqon-doctest-fp8'
 """
@@ -55,9 +63,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from falqon_jax import models
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
-from falqon_jax.hf import _arch
 from falqon_jax import _safetensors as st
 
 __all__ = ["save_fp8", "save_bf16"]
@@ -77,9 +85,25 @@ def _is_melded(x) -> bool:
   return isinstance(x, MeldedKernel)
 
 
-def _flat(params) -> list[tuple[tuple[str, ...], Any]]:
+def _flat(params) -> list[tuple[tuple, Any]]:
+  """``(path, leaf)`` pairs; layer indices stay ints, as ``models.hf_name`` reads them."""
   leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_melded)[0]
-  return [(tuple(str(getattr(k, "key", k)) for k in kp), leaf) for kp, leaf in leaves]
+  return [(tuple(getattr(k, "key", k) for k in kp), leaf) for kp, leaf in leaves]
+
+
+def _check_model(model, fn: str) -> models.ModelConfig:
+  if not isinstance(model, models.Functional):
+    raise TypeError(f"{fn}: model must be a falqon_jax.models.Functional (from"
+                    f" models.split), got {type(model).__name__}")
+  return model.config
+
+
+def _tensor_name(cfg: models.ModelConfig, path: tuple) -> tuple[str, bool]:
+  """(name as transformers' save_pretrained writes it, stored transposed)."""
+  name, transposed = models.hf_name(cfg, path)
+  if cfg.model_type == "gpt2" and not name.startswith("lm_head."):
+    name = "transformer." + name  # GPT2LMHeadModel's own prefix
+  return name, transposed
 
 
 def _check_target(folder: str, overwrite: bool) -> str:
@@ -196,9 +220,12 @@ def _write_tokenizer(tmp: str, tokenizer):
     raise TypeError("tokenizer must be a folder path or have save_pretrained()")
 
 
-def _config_dict(model, dtype_name: str, quantization: Optional[dict]) -> dict:
-  config = model.config.to_dict()
+def _config_dict(cfg: models.ModelConfig, dtype_name: str,
+                 quantization: Optional[dict]) -> dict:
+  config = cfg.to_hf()
   config["torch_dtype"] = dtype_name
+  if "dtype" in config:  # transformers 5's key for the same thing: must not contradict it
+    config["dtype"] = dtype_name
   config.pop("quantization_config", None)
   if quantization is not None:
     config["quantization_config"] = quantization
@@ -214,9 +241,9 @@ def _dtype_name(arrays) -> str:
   return "bfloat16"
 
 
-def _plain(path, leaf, dtype):
+def _plain(leaf, transposed: bool, dtype):
   arr = np.asarray(leaf)
-  if _arch.needs_transpose(path, arr.ndim):
+  if transposed:
     arr = arr.T
   if dtype is not None and jnp.issubdtype(arr.dtype, jnp.floating):
     arr = arr.astype(jnp.dtype(dtype))
@@ -239,9 +266,11 @@ def save_fp8(
 
   Args:
     folder: the output folder: new, empty, or (with ``overwrite``) an existing folder.
-    model: the transformers Flax model (its config and family name the tensors).
-    params: its params, with :class:`~falqon_jax.MeldedKernel` s for melded layers. A
-      pending ΔBuffer is not folded in (the forward ignores it too).
+    model: the :class:`falqon_jax.models.Functional` (its config names the tensors and
+      is written as ``config.json``).
+    params: its params tree (``models.split``), with :class:`~falqon_jax.MeldedKernel`
+      leaves for melded layers. A pending ΔBuffer is not folded in (the forward ignores
+      it too).
     tokenizer: a tokenizer (``save_pretrained``) or a folder to copy tokenizer files from.
     dtype: cast the non-FP8 float tensors to this dtype (e.g. ``jnp.bfloat16``); None
       keeps their dtype, so the export reloads bit-exact.
@@ -256,34 +285,33 @@ def save_fp8(
     new folder then appears complete, an existing one gets ``config.json`` last, and an
     error puts back whatever was moved.
   """
+  cfg = _check_model(model, "save_fp8")
   folder = _check_target(folder, overwrite)
-  model_type = model.config.model_type
-  _arch.check_model_type(model_type, "save_fp8")
   tensors, ignored, others = {}, [], []
   for path, leaf in _flat(params):
-    name = _arch.pt_name(path)
+    name, transposed = _tensor_name(cfg, path)
     module = name.rsplit(".", 1)[0]
     if isinstance(leaf, MeldedKernel):
       if leaf.scaling != "tensor":
         raise UserInputError(
-            f"save_fp8: {'/'.join(path)} uses scaling='row'; vLLM's fp8 format is"
-            " per-tensor only: meld with scaling='tensor' or use save_bf16"
+            f"save_fp8: {'/'.join(map(str, path))} uses scaling='row'; vLLM's fp8 format"
+            " is per-tensor only: meld with scaling='tensor' or use save_bf16"
         )
       weight = np.asarray(leaf.qweight[: leaf.out_features])  # (out, in)
-      if _arch.stored_transposed(model_type, path):  # GPT-2 Conv1D: (in, out) on disk
+      if not transposed:  # GPT-2 Conv1D: (in, out) on disk
         weight = np.ascontiguousarray(weight.T)
       tensors[name] = weight
       inv = np.float32(1.0) / np.asarray(leaf.scale, np.float32)
       tensors[module + ".weight_scale"] = np.asarray(inv, np.float32).reshape(())
       continue
-    tensors[name] = _plain(path, leaf, dtype)
+    tensors[name] = _plain(leaf, transposed, dtype)
     others.append(tensors[name])
     if path[-1] == "kernel" and tensors[name].ndim == 2 and path[0] != "lm_head":
       ignored.append(module)
   if not any(isinstance(l, MeldedKernel) for _, l in _flat(params)):
     raise UserInputError("save_fp8: params hold no MeldedKernel; meld first or use save_bf16")
   quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ignored}
-  config = _config_dict(model, _dtype_name(others), quant)
+  config = _config_dict(cfg, _dtype_name(others), quant)
 
   def write(tmp):
     _write_weights(tmp, tensors, max_shard_bytes)
@@ -311,21 +339,24 @@ def save_bf16(
   supported families, GPT-2 included. Other arguments as for :func:`save_fp8`.
 
   Example:
-    >>> import jax, falqon_jax.hf as fh
-    >>> from falqon_jax import export
-    >>> model = fh.build_model(fh.tiny_config("gpt2"))
-    >>> params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+    >>> from flax import nnx
+    >>> from falqon_jax import export, models, nnx as fnnx
+    >>> lm = models.CausalLM(models.tiny_config("gpt2"), rngs=nnx.Rngs(0))
+    >>> report = fnnx.meld(lm, rank=16)
+    >>> model, params = models.split(lm)
     >>> export.save_bf16("/tmp/falqon-doctest-bf16", model, params, overwrite=True)
     '/tmp/falqon-doctest-bf16'
   """
+  cfg = _check_model(model, "save_bf16")
   folder = _check_target(folder, overwrite)
-  _arch.check_model_type(model.config.model_type, "save_bf16")
   tensors = {}
   for path, leaf in _flat(params):
     if isinstance(leaf, MeldedKernel):
       leaf = leaf.backbone(jnp.float32)  # the layout of the param it replaces
-    tensors[_arch.pt_name(path)] = _plain(path, leaf, dtype)
-  config = _config_dict(model, str(jnp.dtype(dtype)) if dtype else "float32", None)
+    name, transposed = _tensor_name(cfg, path)
+    tensors[name] = _plain(leaf, transposed, dtype)
+  dtype_name = _dtype_name(tensors.values()) if dtype is None else str(jnp.dtype(dtype))
+  config = _config_dict(cfg, dtype_name, None)
 
   def write(tmp):
     _write_weights(tmp, tensors, max_shard_bytes)

@@ -17,23 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import falqon_jax
-import falqon_jax.hf as fh
 from falqon_jax import checkpoint as ckpt_lib
 from falqon_jax import config as config_lib
 from falqon_jax import data as data_lib
-from falqon_jax import train
+from falqon_jax import models, train
 from falqon_jax._run_folder import CONFIG, CONFIG_HISTORY, SUMMARY, RunFolder, json_safe
 from falqon_jax.config import ConfigError, FinetuneConfig
 
@@ -54,32 +55,38 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------- model
 
 
-def builtin_config(vocab_size: int):
-  return fh.tiny_config("llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                        max_position_embeddings=256)
+def builtin_config(vocab_size: int) -> models.ModelConfig:
+  return models.ModelConfig.from_hf({
+      "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 128,
+      "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False,
+  }, "the built-in model")
 
 
-def _pretrain_builtin(model, tokenizer, config: FinetuneConfig, folder: str):
-  """The built-in base: full-parameter bf16 training on part of the synthetic task.
+def builtin_base(tokenizer, config: FinetuneConfig, folder: str) -> str:
+  """The built-in base model's HF folder: full-parameter float32 training on part of the
+  synthetic task.
 
-  Cached in ``folder`` (keyed by seed and steps), so reruns and resumes reuse it.
+  Written once per seed and step count under ``folder`` (so reruns and resumes reuse it)
+  as an ordinary HF checkpoint, which then loads and melds like any other model.
   """
-  from flax import serialization
+  from falqon_jax import export
 
-  path = os.path.join(folder, f"base-seed{config.seed}-steps{config.base_steps}.msgpack")
-  params = model.init_weights(jax.random.key(config.seed), (1, 16))
-  if os.path.exists(path):
-    with open(path, "rb") as f:
-      return serialization.from_bytes(params, f.read())
+  path = os.path.join(folder, f"seed{config.seed}-steps{config.base_steps}")
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return path
+  lm = models.CausalLM(builtin_config(tokenizer.vocab_size), rngs=nnx.Rngs(config.seed))
+  model, params = models.split(lm)
   examples = data_lib.synthetic_task(config.train_examples, seed=config.seed + 1000,
                                      kinds=BUILTIN_BASE_KINDS)
-  batches = data_lib.Batches(examples, batch_size=min(BASE_BATCH, len(examples)), tokenizer=tokenizer, seed=config.seed)
+  batches = data_lib.Batches(examples, batch_size=min(BASE_BATCH, len(examples)),
+                             tokenizer=tokenizer, seed=config.seed)
   warmup = min(50, config.base_steps // 10)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, BASE_LR, warmup, config.base_steps), 0.01)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, BASE_LR, warmup, config.base_steps),
+                   0.01)
   loss_sum = train.make_loss_fn(model)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, batch):
     def mean_loss(p):
       total, n = loss_sum(p, batch)
@@ -91,40 +98,48 @@ def _pretrain_builtin(model, tokenizer, config: FinetuneConfig, folder: str):
 
   opt_state = tx.init(params)
   start = time.perf_counter()
-  for i in range(config.base_steps):
+  for _ in range(config.base_steps):
     params, opt_state, loss = step(params, opt_state, _device_batch(next(batches)))
-  os.makedirs(folder, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(serialization.to_bytes(params))
-  os.replace(tmp, path)
+  export.save_bf16(path, model, params, dtype=None)  # float32, written atomically
   _log(f"built-in base: {config.base_steps} full-parameter steps on {BUILTIN_BASE_KINDS},"
        f" loss {float(loss):.3f} ({time.perf_counter() - start:.0f} s); cached at {path}")
-  return params
+  return path
 
 
-def _device_batch(batch: dict) -> dict:
-  return {k: jnp.asarray(v) for k, v in batch.items() if k != "segment_ids"}
+def _device_batch(batch: dict, packed: bool = False) -> dict:
+  # Segment ids only for packed rows: elsewhere they add nothing but a mask array.
+  return {k: jnp.asarray(v) for k, v in batch.items() if packed or k != "segment_ids"}
 
 
-def load_model(config: FinetuneConfig, run_dir: str):
-  """``(model, params, tokenizer, identity)`` for the configured model."""
-  return _load_model(config, run_dir)
+class Loaded(NamedTuple):
+  """What :func:`load_model` returns."""
+
+  model: models.Functional
+  params: dict  # melded layers are MeldedKernel leaves
+  tokenizer: object
+  model_id: str  # the model folder's absolute path, or BUILTIN
+  report: object  # the MeldReport
 
 
-def _load_model(config: FinetuneConfig, run_dir: str):
-  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+def load_model(config: FinetuneConfig, run_dir: str) -> Loaded:
+  """The configured model, melded as the run melds it (one path for training, resuming,
+  evaluating and exporting a run: never drift), with its tokenizer."""
+  tokenizer = data_lib.load_tokenizer(
+      config.tokenizer if config.model is None else (config.tokenizer or config.model))
   if config.model is None:
-    tokenizer = data_lib.load_tokenizer(config.tokenizer)
-    model = fh.build_model(builtin_config(tokenizer.vocab_size), dtype=dtype)
-    params = _pretrain_builtin(model, tokenizer, config, os.path.join(run_dir, "base"))
-    return model, params, tokenizer, BUILTIN
-  if not os.path.isdir(config.model):
-    raise FileNotFoundError(f"model folder {config.model!r} does not exist")
-  loaded = fh.load(config.model, dtype=dtype)
-  tokenizer = data_lib.load_tokenizer(config.tokenizer or config.model)
-  data_lib.check_vocabulary(tokenizer, loaded.model.config.vocab_size, config.model)
-  return loaded.model, loaded.params, tokenizer, os.path.abspath(config.model)
+    folder, model_id = builtin_base(tokenizer, config, os.path.join(run_dir, "base")), BUILTIN
+  else:
+    if not os.path.isdir(config.model):
+      raise FileNotFoundError(f"model folder {config.model!r} does not exist")
+    folder, model_id = config.model, os.path.abspath(config.model)
+  data_lib.check_vocabulary(tokenizer, models.read_config(folder).vocab_size, folder)
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  # Melded while loading: the full-precision model never sits in memory whole.
+  lm, _, report = models.load(folder, dtype, rank=config.rank, targets=config.targets,
+                              init=config.init, scaling=config.scaling,
+                              key=jax.random.key(config.seed), attention=config.attention)
+  model, params = models.split(lm)
+  return Loaded(model, params, tokenizer, model_id, report)
 
 
 # ----------------------------------------------------------------------------- data
@@ -262,12 +277,6 @@ def resolve_defaults(config: FinetuneConfig) -> FinetuneConfig:
   return config
 
 
-def meld(config: FinetuneConfig, model, params):
-  """Melds ``params`` as the run does (the CLI rebuilds checkpoints with it: never drift)."""
-  return fh.meld_params(model, params, config.rank, targets=config.targets, init=config.init,
-                        scaling=config.scaling, key=jax.random.key(config.seed))
-
-
 def run(config: FinetuneConfig) -> dict:
   """Runs the fine-tuning job; returns the summary (also written to summary.json)."""
   config = resolve_defaults(config)
@@ -292,9 +301,8 @@ def _run(config: FinetuneConfig, dp, folder: RunFolder) -> dict:
   if not config.resume and (folder.holds_run() or _has_checkpoints(checkpoint_dir)):
     raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it"
                       " or choose another --output_dir")
-  model, params, tokenizer, model_id = load_model(config, run_dir)
+  model, params, tokenizer, model_id, report = load_model(config, run_dir)
   train_ex, eval_ex = load_data(config, tokenizer)
-  params, report = meld(config, model, params)
   tx, schedule = _optimizer(config)
   state = train.TrainState.create(params, tx)
   identity = run_identity(config, model_id, tokenizer, report)
@@ -330,12 +338,12 @@ def _run(config: FinetuneConfig, dp, folder: RunFolder) -> dict:
     step_fn = jax.pmap(train.pmap_train_step(model, tx, remat=config.remat), axis_name="data",
                        donate_argnums=0)
     state = train.replicate(state)
-    place = lambda b: train.split_batch(_device_batch(b), jax.local_device_count())
+    place = lambda b: train.split_batch(_device_batch(b, config.pack), jax.local_device_count())
     host_state = train.unreplicate
   else:
     state = dp.put_state(state)
     step_fn = dp.compile(train.make_train_step(model, tx, remat=config.remat), state)
-    place = lambda b: dp.put_batch(_device_batch(b))
+    place = lambda b: dp.put_batch(_device_batch(b, config.pack))
     host_state = lambda s: s
 
   evaluator = (Evaluator(model, tokenizer, eval_ex, config, builtin=config.data is None)

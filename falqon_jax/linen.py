@@ -1,10 +1,12 @@
 """Run unmodified Flax linen models on melded params.
 
 :func:`meld` melds a linen params tree (it also handles kernels stored ``(out, in)``, such
-as Hugging Face GPT-2's ``FlaxConv1D``). Inside :func:`melded` (a context manager built on
-``flax.linen.intercept_methods``), every ``nn.Dense`` and ``FlaxConv1D`` whose ``kernel``
-is a :class:`~falqon_jax.MeldedKernel` runs through :func:`~falqon_jax.melded_dense`,
-bias included; every other module runs unchanged. The model's code is never edited.
+as those of a ``FlaxConv1D``, the dense layer of transformers 4.x's Flax GPT-2). Inside
+:func:`melded` (a context manager built on ``flax.linen.intercept_methods``), every
+``nn.Dense`` and every module class named ``FlaxConv1D`` whose ``kernel`` is a
+:class:`~falqon_jax.MeldedKernel` runs through :func:`~falqon_jax.melded_dense`, bias
+included; every other module runs unchanged. The model's code is never edited. (The NNX
+models of :mod:`falqon_jax.models` are melded by :func:`falqon_jax.nnx.meld` instead.)
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, falqon_jax
@@ -45,14 +47,14 @@ __all__ = [
 ]
 
 GPT2_CONV1D = r"(^|/)(c_attn|q_attn|c_proj|c_fc)/kernel$"
-"""Paths of HF GPT-2's ``FlaxConv1D`` kernels, which are stored ``(out, in)``."""
+"""Paths of GPT-2's ``FlaxConv1D`` kernels (c_attn, q_attn, c_proj, c_fc), stored ``(out, in)``."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TransposedMeldedKernel(MeldedKernel):
   """A :class:`~falqon_jax.MeldedKernel` standing in for a kernel stored ``(out, in)``.
 
-  HF GPT-2's ``FlaxConv1D`` keeps its kernel as ``(features, in)``. The melded data are
+  GPT-2's ``FlaxConv1D`` keeps its kernel as ``(features, in)``. The melded data are
   exactly those of a ``MeldedKernel`` (``qweight`` is ``(out + rank, in)`` either way);
   only :attr:`shape` and :meth:`backbone` follow the module's ``(out, in)`` layout, so
   ``falqon_jax.unmeld`` gives back a tree the unmodified module can load. The distinct
@@ -97,8 +99,8 @@ def meld(params, rank: int = 64, *, transposed: Pattern = None, **meld_kwargs):
     params: a linen params tree.
     rank: the LoRA rank.
     transposed: which kernel paths are stored ``(out, in)``: a regex over the slash-joined
-      path, a predicate ``(path, leaf) -> bool``, or ``None`` (all ``(in, out)``). For HF
-      GPT-2 pass :data:`GPT2_CONV1D` (``falqon_jax.hf.meld_model`` does it for you). Those
+      path, a predicate ``(path, leaf) -> bool``, or ``None`` (all ``(in, out)``). For a
+      GPT-2-style model built of ``FlaxConv1D`` pass :data:`GPT2_CONV1D`. Those
       kernels are melded as ``(in, out)`` and come back as
       :class:`TransposedMeldedKernel`; the ones left unmelded keep their layout.
     **meld_kwargs: ``targets``, ``init``, ``key``, ``scaling``, as for
@@ -177,7 +179,7 @@ def _run_conv1d(module, mk: MeldedKernel, args, kwargs):
     raise TypeError(
         f"FlaxConv1D at {_module_path(module)} stores its kernel (out, in) but holds a"
         " plain MeldedKernel melded as (in, out); meld with falqon_jax.linen.meld(params,"
-        " rank, transposed=falqon_jax.linen.GPT2_CONV1D) or falqon_jax.hf.meld_model"
+        " rank, transposed=falqon_jax.linen.GPT2_CONV1D)"
     )
   x = jnp.asarray(x, module.dtype)
   return melded_dense(x, mk, _bias(module))
@@ -202,7 +204,7 @@ def _interceptor(next_fun, args, kwargs, context):
     return _run_conv1d(module, kernel, args, kwargs)
   raise TypeError(
       f"{type(module).__name__} at {_module_path(module)} holds a MeldedKernel, but only"
-      " nn.Dense and HF FlaxConv1D can run melded; exclude it with meld(..., targets=...)"
+      " nn.Dense and FlaxConv1D can run melded; exclude it with meld(..., targets=...)"
   )
 
 

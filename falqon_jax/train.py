@@ -46,8 +46,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import falqon_jax
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
+from falqon_jax.models import LAYER_OUTPUT
 
-Batch = dict  # {"input_ids", "loss_mask", "attention_mask", "position_ids"}: [B, T] arrays
+Batch = dict  # {"input_ids", "loss_mask", "attention_mask", "position_ids"[, "segment_ids"]}: [B, T]
 
 
 class TrainState(NamedTuple):
@@ -75,21 +76,28 @@ def next_token_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Arra
 
 
 def forward(model, params, batch: Batch, *, remat: bool = False) -> jax.Array:
-  """Logits of a (possibly melded) causal LM on a batch."""
+  """Logits of a (possibly melded) causal LM on a batch (``segment_ids``, when the batch
+  has them, keep packed examples apart)."""
   return model.apply(params, batch["input_ids"], batch.get("attention_mask"),
-                     batch.get("position_ids"), remat=remat)
+                     batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+                     remat=remat)
 
 
 def make_loss_fn(model, *, remat: bool = False) -> Callable:
   """``loss_sum(params, batch) -> (nll_sum, n_targets)``.
 
-  With ``remat``, only each decoder layer's output (the residual stream) is saved for the
-  backward pass; everything inside a layer, melded layers included, is recomputed.
+  With ``remat``, only each decoder layer's output (the residual stream, named
+  :data:`LAYER_OUTPUT`) is saved for the backward pass: the model recomputes each layer,
+  melded layers included, and the rest of the loss (embedding, final norm, logits) is
+  recomputed too.
   """
 
   def loss_sum(params, batch):
     return next_token_nll(forward(model, params, batch, remat=remat), batch)
 
+  if remat:
+    policy = jax.checkpoint_policies.save_only_these_names(LAYER_OUTPUT)
+    return jax.checkpoint(loss_sum, policy=policy)
   return loss_sum
 
 

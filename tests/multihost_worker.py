@@ -28,13 +28,17 @@ def main():
   import numpy as np
   import optax
 
+  from flax import nnx
+
   import falqon_jax
-  import falqon_jax.hf as fh
-  from falqon_jax import data, train
+  from falqon_jax import data, models, train
+  from falqon_jax import nnx as fnnx
 
   assert jax.device_count() == 4 and jax.process_count() == num_processes
-  model = fh.build_model(fh.tiny_config("llama", num_hidden_layers=1, vocab_size=272))
-  params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+  lm = models.CausalLM(models.tiny_config("llama", num_hidden_layers=1, vocab_size=272),
+                       rngs=nnx.Rngs(0))
+  fnnx.meld(lm, rank=16)
+  model, params = models.split(lm)
   # SGD: after Adam's first step every |B_ij| is about lr, so row norms tie and the top-k
   # choice would follow the last bits in which one and two processes differ.
   tx = falqon_jax.proxy_update(optax.sgd(0.5), reset="merged", rounding="stochastic",

@@ -11,10 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
-
-from falqon_jax import cli, config as config_lib  # noqa: E402
-from falqon_jax.config import ConfigError, FinetuneConfig  # noqa: E402
+import tiny_models
+from falqon_jax import cli, config as config_lib
+from falqon_jax.config import ConfigError, FinetuneConfig
 
 TINY = ["--base_steps", "8", "--steps", "6", "--batch_size", "8", "--train_examples", "64",
         "--eval_examples", "8", "--log_every", "2", "--eval_every", "3", "--save_every", "3",
@@ -137,12 +136,10 @@ def test_eval_generate_and_export_on_the_run(run_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
   """A 1-layer Llama HF folder (byte vocab): subprocess runs skip the built-in base."""
-  import falqon_jax.hf as fh
   from falqon_jax import export
 
   folder = str(tmp_path_factory.mktemp("tiny") / "llama")
-  model = fh.build_model(fh.tiny_config("llama", vocab_size=272, num_hidden_layers=1))
-  export.save_bf16(folder, model, model.init_weights(jax.random.key(0), (1, 8)))
+  export.save_bf16(folder, *tiny_models.functional("llama", vocab_size=272, num_hidden_layers=1))
   return folder
 
 
@@ -368,12 +365,10 @@ def test_logged_train_loss_is_the_token_weighted_mean_since_the_last_row():
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
-  import falqon_jax.hf as fh
   from falqon_jax import export
 
   folder = str(tmp_path / "small-vocab")  # 256 ids; the byte tokenizer has 272
-  model = fh.build_model(fh.tiny_config("llama", num_hidden_layers=1))
-  export.save_bf16(folder, model, model.init_weights(jax.random.key(0), (1, 8)))
+  export.save_bf16(folder, *tiny_models.functional("llama", num_hidden_layers=1))
   assert cli.main(["generate", folder, "copy abc:"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "the tokenizer has 272 ids but" in err[0] and "256" in err[0], err

@@ -1,22 +1,24 @@
 """falqon_jax.eval: perplexity, MMLU-format multiple choice, generation and exact match,
-checked against hand computations on tiny melded models and on exported folders."""
+checked against hand computations on tiny models (melded and not) and against a real
+checkpoint's PyTorch reference logits (hf-tiny)."""
 
 import collections
+import functools
 import json
 import os
-
-import pytest
-
-pytest.importorskip("transformers")
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 
-import falqon_jax.hf as fh
 from falqon_jax import eval as fe
-from falqon_jax import export
-from falqon_jax import linen as fl
+from falqon_jax import models
+from falqon_jax import nnx as fnnx
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf-tiny"
 
 
 class ByteTok:
@@ -33,67 +35,93 @@ class ByteTok:
 
 TOK = ByteTok()
 Example = collections.namedtuple("Example", "prompt response")
+Tiny = collections.namedtuple("Tiny", "model params")  # a models.Functional and its params
 WIDTH = 512  # the test models' positions: hand computations pad to it, so they compile once
 BATCH = 4  # one batch size throughout, so tests share compiled functions
 
 
-def _tiny(model_type):
+def _tiny(model_type) -> Tiny:
   positions = dict(n_positions=WIDTH) if model_type == "gpt2" else dict(
       max_position_embeddings=WIDTH)
-  model = fh.build_model(fh.tiny_config(model_type, vocab_size=TOK.vocab_size, **positions))
-  params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(0), (1, 8))
-  return model, params
+  cfg = models.tiny_config(model_type, vocab_size=TOK.vocab_size, **positions)
+  return Tiny(*models.split(models.CausalLM(cfg, rngs=nnx.Rngs(0))))
+
+
+def _meld(tiny: Tiny) -> Tiny:
+  """The same weights, every projection melded (rank 16)."""
+  lm = tiny.model.merge(jax.tree.map(jnp.asarray, tiny.params))
+  fnnx.meld(lm, rank=16)
+  return Tiny(*models.split(lm))
 
 
 @pytest.fixture(scope="module")
 def llama():
-  model, params = _tiny("llama")
-  melded, _ = fh.meld_params(model, params, rank=16)
-  return model, params, melded
+  """(plain, melded) tiny Llama with the same weights."""
+  plain = _tiny("llama")
+  return plain, _meld(plain)
 
 
-class Oracle:
-  """Hand computation: next-token log-probs of one unpadded sequence, in float64.
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(model, params, ids, mask):
+  return model.apply(params, ids, attention_mask=mask)
+
+
+def oracle_logits(tiny, ids):
+  """Hand computation: logits of one unpadded sequence without a cache, in float64.
 
   Right padding to a fixed width leaves a causal model's real positions unchanged, and
-  keeps this to one compile per model and params structure.
+  keeps this to one compile per model.
   """
-
-  def __init__(self, model):
-    self.model = model
-    self.run = jax.jit(fl.melded_fn(lambda p, ids: model(ids, params=p).logits))
-
-  def logits(self, params, ids):
-    buf = np.full((1, WIDTH), TOK.pad_id, np.int32)
-    buf[0, :len(ids)] = ids
-    return np.asarray(self.run(params, jnp.asarray(buf))[0, :len(ids)], np.float64)
-
-  def logprobs(self, params, ids):
-    """log p(ids[t] | ids[:t]) for t = 1 .. len - 1."""
-    z = self.logits(params, ids)[:-1]
-    z = z - z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return logp[np.arange(len(ids) - 1), ids[1:]]
-
-  def greedy(self, params, ids, max_new):
-    ids, new = list(ids), []
-    for _ in range(max_new):
-      z = self.logits(params, ids)[-1]
-      # Generation runs another f32 program (a KV cache): its argmax is the same only where
-      # the top two logits are apart by far more than their last bits.
-      second, first = np.sort(z)[-2:]
-      assert first - second > 1e-4 * np.abs(z).max(), (first, second)
-      tok = int(np.argmax(z))
-      if tok == TOK.eos_id:
-        break
-      ids.append(tok)
-      new.append(tok)
-    return new
+  buf = np.full((1, WIDTH), TOK.pad_id, np.int32)
+  buf[0, :len(ids)] = ids
+  out = _full_logits(tiny.model, tiny.params, buf, np.ones_like(buf))
+  return np.asarray(out[0, :len(ids)], np.float64)
 
 
-@pytest.fixture(scope="module")
-def oracle(llama):
-  return Oracle(llama[0])
+def _log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def oracle_logprobs(tiny, ids):
+  """log p(ids[t] | ids[:t]) for t = 1 .. len - 1."""
+  logp = _log_softmax(oracle_logits(tiny, ids)[:-1])
+  return logp[np.arange(len(ids) - 1), ids[1:]]
+
+
+def oracle_block_logprobs(tiny, rows, width):
+  """Hand computation on ``rows`` (at most BATCH token lists) as eval batches them: one
+  right-padded ``[BATCH, width]`` block, so a melded model quantizes the same activations
+  with the same per-tensor scales as in eval. Per row, log p(ids[t] | ids[:t]), float64."""
+  buf = np.full((BATCH, width), TOK.pad_id, np.int32)
+  mask = np.zeros_like(buf)
+  for r, ids in enumerate(rows):
+    buf[r, :len(ids)] = ids
+    mask[r, :len(ids)] = 1
+  logp = _log_softmax(np.asarray(_full_logits(tiny.model, tiny.params, buf, mask), np.float64))
+  return [logp[r, np.arange(len(ids) - 1), ids[1:]] for r, ids in enumerate(rows)]
+
+
+def _eval_width(rows):
+  """The width eval pads ``rows`` to: the longest, rounded up to its multiple."""
+  return -(-max(map(len, rows)) // fe._WIDTH_MULTIPLE) * fe._WIDTH_MULTIPLE
+
+
+def oracle_greedy(tiny, ids, max_new):
+  """Greedy decoding by full recomputation: argmax of the growing sequence's last logits."""
+  ids, new = list(ids), []
+  for _ in range(max_new):
+    z = oracle_logits(tiny, ids)[-1]
+    # Generation runs another f32 program (a KV cache): its argmax is the same only where
+    # the top two logits are apart by far more than their last bits.
+    second, first = np.sort(z)[-2:]
+    assert first - second > 1e-4 * np.abs(z).max(), (first, second)
+    tok = int(np.argmax(z))
+    if tok == TOK.eos_id:
+      break
+    ids.append(tok)
+    new.append(tok)
+  return new
 
 
 # ----------------------------------------------------------------------------- MMLU data
@@ -159,9 +187,9 @@ def test_mmlu_prompt_matches_lm_eval_format(mmlu):
 
 
 @pytest.mark.slow
-def test_multiple_choice_picks_argmax_of_hand_loglikelihoods(llama, oracle, mmlu):
-  model, params, melded = llama
-  got = fe.multiple_choice(model, params, TOK, mmlu, k_shot=2, batch_size=BATCH, details=True)
+def test_multiple_choice_picks_argmax_of_hand_loglikelihoods(llama, mmlu):
+  plain, melded = llama
+  got = fe.multiple_choice(*plain, TOK, mmlu, k_shot=2, batch_size=BATCH, details=True)
   assert got["n"] == 8 and len(got["samples"]) == 8
   data = fe.read_mmlu(mmlu)
   hits = collections.Counter()
@@ -170,7 +198,7 @@ def test_multiple_choice_picks_argmax_of_hand_loglikelihoods(llama, oracle, mmlu
     prompt = fe.mmlu_prompt(s["subject"], dev[:2], test[s["index"]])
     assert s["prompt"] == prompt and prompt.count("\nAnswer: ") == 2
     # " A" is two byte tokens: the space and the letter; both are scored
-    want = [oracle.logprobs(params, TOK.encode(prompt + " " + l, add_bos=True))[-2:].sum()
+    want = [oracle_logprobs(plain, TOK.encode(prompt + " " + l, add_bos=True))[-2:].sum()
             for l in "ABCD"]
     np.testing.assert_allclose(s["scores"], want, rtol=1e-5, atol=1e-5)
     assert s["prediction"] == "ABCD"[int(np.argmax(s["scores"]))]
@@ -178,43 +206,47 @@ def test_multiple_choice_picks_argmax_of_hand_loglikelihoods(llama, oracle, mmlu
     hits[s["subject"]] += s["correct"]
   assert got["per_subject"] == {k: hits[k] / 4 for k in TEST}
   assert got["accuracy"] == sum(hits.values()) / 8
-  # Melded: the activation scale spans the batch, so scores move slightly with padding.
-  mel = fe.multiple_choice(model, melded, TOK, mmlu, k_shot=2, batch_size=BATCH, details=True)
-  for s, p in zip(mel["samples"], got["samples"]):
-    want = [oracle.logprobs(melded, TOK.encode(s["prompt"] + " " + l, add_bos=True))[-2:].sum()
-            for l in "ABCD"]
-    np.testing.assert_allclose(s["scores"], want, rtol=1e-3, atol=1e-3)
+  # Melded: the activation scale spans the batch, so scores move with padding; the hand
+  # computation runs each question's 4 rows as the same block (BATCH is 4), which leaves
+  # only float32 rounding.
+  mel = fe.multiple_choice(*melded, TOK, mmlu, k_shot=2, batch_size=BATCH, details=True)
+  rows = [[TOK.encode(s["prompt"] + " " + l, add_bos=True) for l in "ABCD"]
+          for s in mel["samples"]]
+  width = _eval_width(sum(rows, []))
+  for s, p, choices in zip(mel["samples"], got["samples"], rows):
+    want = [lp[-2:].sum() for lp in oracle_block_logprobs(melded, choices, width)]
+    np.testing.assert_allclose(s["scores"], want, rtol=1e-5, atol=1e-5)
     assert s["prediction"] == "ABCD"[int(np.argmax(s["scores"]))]
     assert s["scores"] != p["scores"]  # the melded model is not the plain one
 
 
 @pytest.mark.slow
-def test_multiple_choice_k_shot_subjects_limit(llama, oracle, mmlu):
-  model, params, _ = llama
-  zero = fe.multiple_choice(model, params, TOK, mmlu, k_shot=0, subjects="world_religions",
+def test_multiple_choice_k_shot_subjects_limit(llama, mmlu):
+  plain, _ = llama
+  zero = fe.multiple_choice(*plain, TOK, mmlu, k_shot=0, subjects="world_religions",
                             limit=2, batch_size=BATCH, details=True)
   assert zero["n"] == 2 and list(zero["per_subject"]) == ["world_religions"]
   assert zero["samples"][0]["prompt"] == (
       "The following are multiple choice questions (with answers) about world religions.\n\n"
       "Where is the Kaaba?\nA. Mecca\nB. Medina\nC. Cairo\nD. Jerusalem\nAnswer:")
-  three = fe.multiple_choice(model, params, TOK, mmlu, k_shot=3, subjects=["world_religions"],
+  three = fe.multiple_choice(*plain, TOK, mmlu, k_shot=3, subjects=["world_religions"],
                              limit=2, batch_size=BATCH, details=True)
   assert three["samples"][1]["prompt"].count("\nAnswer: ") == 3
   assert three["samples"][1]["prompt"].endswith("What is Diwali?\nA. A fast\nB. A festival"
                                                 " of lights\nC. A river\nD. A god\nAnswer:")
   assert zero["samples"][0]["scores"] != three["samples"][0]["scores"]
   # too-long prompts lose tokens on the left (lm-eval's truncation); the letter is kept
-  short = fe.multiple_choice(model, params, TOK, mmlu, k_shot=3, subjects=["world_religions"],
+  short = fe.multiple_choice(*plain, TOK, mmlu, k_shot=3, subjects=["world_religions"],
                              limit=2, batch_size=BATCH, max_len=64, details=True)
   prompt = short["samples"][0]["prompt"]
   assert prompt == three["samples"][0]["prompt"]
-  want = [oracle.logprobs(params, TOK.encode(prompt + " " + l, add_bos=True)[-64:])[-2:].sum()
+  want = [oracle_logprobs(plain, TOK.encode(prompt + " " + l, add_bos=True)[-64:])[-2:].sum()
           for l in "ABCD"]
   np.testing.assert_allclose(short["samples"][0]["scores"], want, rtol=1e-5, atol=1e-5)
 
 
 def test_multiple_choice_bad_input(llama, mmlu, tmp_path):
-  model, _, params = llama
+  model, params = llama[1]
   with pytest.raises(FileNotFoundError, match="no such folder"):
     fe.multiple_choice(model, params, TOK, str(tmp_path / "nope"))
   with pytest.raises(ValueError, match=r"k_shot=4 but .*abstract_algebra_dev.csv has only 3"):
@@ -244,32 +276,33 @@ DOCS = ["The quick brown fox jumps over the lazy dog.", "FP8 LoRA", "x"]
 
 
 @pytest.mark.slow
-def test_perplexity_is_exp_of_hand_computed_loss(llama, oracle, tmp_path):
-  model, params, melded = llama
+def test_perplexity_is_exp_of_hand_computed_loss(llama, tmp_path):
+  plain, melded = llama
   # seq_len 16 splits the first document into rows of 16 tokens overlapping by one
   doc = TOK.encode(DOCS[0], add_bos=True)
   rows = [doc[s:s + 16] for s in range(0, len(doc) - 1, 15)]
   rows += [TOK.encode(d, add_bos=True) for d in DOCS[1:]]
-  nll = -np.concatenate([oracle.logprobs(params, r) for r in rows])
+  nll = -np.concatenate([oracle_logprobs(plain, r) for r in rows])
   assert len(nll) == sum(len(d.encode()) for d in DOCS)  # every byte scored once
-  got = fe.perplexity(model, params, TOK, DOCS, seq_len=16, batch_size=BATCH)  # 5 rows: padded
+  got = fe.perplexity(*plain, TOK, DOCS, seq_len=16, batch_size=BATCH)  # 5 rows: padded
   assert got["tokens"] == len(nll)
   np.testing.assert_allclose(got["loss"], nll.mean(), rtol=1e-5)
   np.testing.assert_allclose(got["perplexity"], np.exp(nll.mean()), rtol=1e-5)
   # the same documents from .jsonl, and one .txt document = the whole text
   jsonl = tmp_path / "docs.jsonl"
   jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
-  assert fe.perplexity(model, params, TOK, str(jsonl), seq_len=16, batch_size=BATCH) == got
+  assert fe.perplexity(*plain, TOK, str(jsonl), seq_len=16, batch_size=BATCH) == got
   txt = tmp_path / "doc.txt"
   txt.write_text(DOCS[0])
-  whole = -oracle.logprobs(melded, doc)  # 45 tokens fit in one 256-token window
-  got = fe.perplexity(model, melded, TOK, str(txt), batch_size=BATCH)
+  # 45 tokens fit in one 256-token window: one block, the row and 3 padding rows
+  whole = -oracle_block_logprobs(melded, [doc], _eval_width([doc]))[0]
+  got = fe.perplexity(*melded, TOK, str(txt), batch_size=BATCH)
   assert got["tokens"] == len(whole)
-  np.testing.assert_allclose(got["loss"], whole.mean(), rtol=1e-3)
+  np.testing.assert_allclose(got["loss"], whole.mean(), rtol=1e-5)
 
 
 def test_perplexity_bad_input(llama, tmp_path):
-  model, _, params = llama
+  model, params = llama[1]
   with pytest.raises(FileNotFoundError, match="no such file"):
     fe.perplexity(model, params, TOK, str(tmp_path / "missing.txt"))
   bad = tmp_path / "bad.jsonl"
@@ -287,6 +320,8 @@ def test_perplexity_bad_input(llama, tmp_path):
 
   with pytest.raises(ValueError, match="tokenizer has 300 tokens but the model's vocab_size"):
     fe.perplexity(model, params, Big(), ["x"])
+  with pytest.raises(TypeError, match="model must be a falqon_jax.models.Functional.*split"):
+    fe.perplexity(model.merge(params), params, TOK, ["x"])  # a CausalLM, not split
 
 
 # --------------------------------------------------------------------------- generation
@@ -294,7 +329,7 @@ def test_perplexity_bad_input(llama, tmp_path):
 WORD = "world"  # the rigged model's bigram chain: w -> o -> r -> l -> d -> EOS
 
 
-def _rigged(model, params):
+def _rigged(params):
   """Params whose greedy continuation of a token in WORD is the rest of WORD, then EOS.
 
   The attention and MLP output projections are zero, so the last hidden state is the
@@ -302,10 +337,10 @@ def _rigged(model, params):
   to the next letter. Position and context do not matter.
   """
   params = jax.tree.map(np.array, params)
-  for layer in params["model"]["layers"].values():
+  for layer in params["layers"].values():
     layer["self_attn"]["o_proj"]["kernel"][:] = 0
     layer["mlp"]["down_proj"]["kernel"][:] = 0
-  emb = params["model"]["embed_tokens"]["embedding"]
+  emb = params["embed_tokens"]["embedding"]
   head = params["lm_head"]["kernel"]
   head[:] = 0
   nexts = [ord(c) for c in WORD[1:]] + [TOK.eos_id]
@@ -317,9 +352,8 @@ def _rigged(model, params):
 
 @pytest.fixture(scope="module")
 def rigged(llama):
-  model, plain, _ = llama
-  params, _ = fh.meld_params(model, _rigged(model, plain), rank=16)
-  return model, params
+  plain, _ = llama
+  return _meld(Tiny(plain.model, _rigged(plain.params)))
 
 
 @pytest.mark.slow
@@ -360,29 +394,19 @@ def test_exact_match_counts(rigged):
 
 
 @pytest.mark.slow
-def test_generate_matches_uncached_greedy_with_left_padding(llama, oracle):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # RoPE; learned positions
+def test_generate_with_cache_matches_greedy_recomputation(llama, family):
   # A random model depends on position and context, so left padding, positions and the
-  # KV cache must all be right to match a plain full-sequence argmax loop.
-  model, params, _ = llama
-  prompts = ["a", "Some longer prompt, with context", "mid length"]
-  got = fe.generate_ids(model, params, TOK, [TOK.encode(p, add_bos=True) for p in prompts],
-                        max_new_tokens=6, batch_size=BATCH)
-  assert got == [oracle.greedy(params, TOK.encode(p, add_bos=True), 6) for p in prompts]
-
-
-@pytest.mark.slow
-def test_generate_gpt2_matches_uncached_greedy():
-  # GPT-2 has learned positions and its own cache code; plain params compile fastest
-  model, params = _tiny("gpt2")
-  oracle = Oracle(model)
-  prompts = ["ab", "GPT-2 has learned positions"]
-  got = fe.generate_ids(model, params, TOK, [TOK.encode(p, add_bos=True) for p in prompts],
-                        max_new_tokens=5, batch_size=2)
-  assert got == [oracle.greedy(params, TOK.encode(p, add_bos=True), 5) for p in prompts]
+  # KV cache must all be right to match a full-sequence argmax loop on each bare prompt.
+  tiny = llama[0] if family == "llama" else _tiny("gpt2")  # plain params compile fastest
+  prompts = [TOK.encode(p, add_bos=True) for p in ("a", "Some longer prompt, with context",
+                                                    "mid length")]
+  got = fe.generate_ids(*tiny, TOK, prompts, max_new_tokens=6, batch_size=BATCH)
+  assert got == [oracle_greedy(tiny, p, 6) for p in prompts]
 
 
 def test_generate_bad_input(llama):
-  model, _, params = llama
+  model, params = llama[1]
   with pytest.raises(ValueError, match="max_new_tokens=512 leaves no room"):
     fe.generate(model, params, TOK, ["x"], max_new_tokens=512)
   with pytest.raises(TypeError, match="list of strings"):
@@ -391,33 +415,74 @@ def test_generate_bad_input(llama):
     fe.generate(model, params, TOK, ["x"], temperature=-1.0)
 
 
-# ---------------------------------------------------------------------- exported folders
+# ------------------------------------------------------------------- a real checkpoint
 
 
-@pytest.mark.slow
-def test_exported_folders_evaluate_like_the_melded_model(llama, mmlu, tmp_path):
-  model, _, params = llama
-  texts = DOCS[:2]
+class Latin1Tok:
+  """Bytes as ids 0..255 (the fixtures' vocabulary, no special tokens); a text starting
+  with a key of ``known`` encodes that key to its ids, so a chosen prompt encodes to a
+  reference input row."""
 
-  def evaluate(m, p):
-    return (fe.perplexity(m, p, TOK, texts, seq_len=16, batch_size=BATCH),
-            fe.multiple_choice(m, p, TOK, mmlu, k_shot=1, limit=2, batch_size=BATCH,
-                               details=True))
+  pad_id, bos_id, eos_id, vocab_size = 0, None, None, 256
 
-  ppl, mc = evaluate(model, params)
-  # FP8: the same bytes and an exactly inverted scale, but no A rows, so a narrower GEMM in
-  # another program: a last bit of its sums can round an activation one e4m3 step away,
-  # which moves the numbers about as padding does (see the multiple-choice test).
-  fp8 = fh.load(export.save_fp8(str(tmp_path / "fp8"), model, params))
-  ppl8, mc8 = evaluate(fp8.model, fp8.params)
-  assert ppl8["tokens"] == ppl["tokens"]
-  np.testing.assert_allclose(ppl8["loss"], ppl["loss"], rtol=1e-3)
-  np.testing.assert_allclose([s["scores"] for s in mc8["samples"]],
-                             [s["scores"] for s in mc["samples"]], rtol=1e-3, atol=1e-3)
-  # bf16: dequantized weights rounded to bf16, run unmelded: close, not equal
-  bf16 = fh.load(export.save_bf16(str(tmp_path / "bf16"), model, params))
-  ppl16, mc16 = evaluate(bf16.model, bf16.params)
-  assert ppl16["tokens"] == ppl["tokens"]
-  np.testing.assert_allclose(ppl16["loss"], ppl["loss"], rtol=2e-2)
-  np.testing.assert_allclose([s["scores"] for s in mc16["samples"]],
-                             [s["scores"] for s in mc["samples"]], rtol=5e-2, atol=5e-2)
+  def __init__(self, known=None):
+    self.known = known or {}
+
+  def encode(self, text, add_bos=False, add_eos=False):
+    assert not (add_bos or add_eos), "no special tokens"
+    for key in sorted(self.known, key=len, reverse=True):
+      if text.startswith(key):
+        return [int(i) for i in self.known[key]] + list(text[len(key):].encode("latin-1"))
+    return list(text.encode("latin-1"))
+
+  def decode(self, ids):
+    return bytes(int(i) for i in ids).decode("latin-1")
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"hf-tiny fixtures not found at {FIXTURES}")
+def test_scores_match_reference_logits_of_a_real_checkpoint(tmp_path):
+  folder = FIXTURES / "llama3"
+  ref = np.load(folder / "reference.npz")
+  ids = ref["input_ids"]  # (2, 32) random bytes
+  logp = _log_softmax(ref["logits"].astype(np.float64))  # PyTorch's, float32
+  model, params = models.split(models.load(str(folder)).model)
+  # The README's logit tolerance is 1e-4; a log-prob z_i - logsumexp(z) moves by at most
+  # twice the largest logit error, so 2e-4 per token (a mean of them too), 4e-4 for the
+  # two tokens of an MMLU choice.
+  per_token = 2e-4
+
+  # Perplexity: both rows whole, and row 1's first 24 tokens (right padded in the batch).
+  tok = Latin1Tok()
+  docs = [tok.decode(ids[0]), tok.decode(ids[1]), tok.decode(ids[1, :24])]
+  with jax.default_matmul_precision("highest"):
+    got = fe.perplexity(model, params, tok, docs, seq_len=32, batch_size=BATCH, add_bos=False)
+  t = np.arange(31)
+  nll = -np.concatenate([logp[0, t, ids[0, t + 1]], logp[1, t, ids[1, t + 1]],
+                         logp[1, t[:23], ids[1, t[:23] + 1]]])
+  assert got["tokens"] == len(nll) == 85
+  np.testing.assert_allclose(got["loss"], nll.mean(), rtol=0, atol=per_token)
+
+  # Multiple choice: question r's prompt encodes to ids[r, :30], and prompt + " " to
+  # ids[r, :31], so choice X scores log p(ids[r, 30]) + log p(X | ids[r, :31]).
+  rows = [["First question?", "a", "b", "c", "d"], ["Second question?", "a", "b", "c", "d"]]
+  prompts = [fe.mmlu_prompt("fixture", [], row + ["A"]) for row in rows]
+  want = np.array([[logp[r, 29, ids[r, 30]] + logp[r, 30, ord(x)] for x in "ABCD"]
+                   for r in range(2)])
+  best = np.argmax(want, axis=-1)
+  top2 = np.sort(want, axis=-1)[:, -2:]
+  assert np.all(top2[:, 1] - top2[:, 0] > 4 * per_token)  # predictions not within tolerance
+  answers = ["ABCD"[best[0]], "ABCD"[(best[1] + 1) % 4]]  # the first right, the second wrong
+  os.makedirs(tmp_path / "mmlu" / "test")
+  with open(tmp_path / "mmlu" / "test" / "fixture_test.csv", "w") as f:
+    f.writelines(",".join(row + [a]) + "\n" for row, a in zip(rows, answers))
+  known = {}
+  for r, prompt in enumerate(prompts):
+    known[prompt], known[prompt + " "] = ids[r, :30], ids[r, :31]
+  with jax.default_matmul_precision("highest"):
+    got = fe.multiple_choice(model, params, Latin1Tok(known), tmp_path / "mmlu", k_shot=0,
+                             batch_size=BATCH, add_bos=False, details=True)
+  assert [s["prompt"] for s in got["samples"]] == prompts
+  np.testing.assert_allclose([s["scores"] for s in got["samples"]], want, rtol=0,
+                             atol=2 * per_token)
+  assert [s["prediction"] for s in got["samples"]] == ["ABCD"[b] for b in best]
+  assert got["accuracy"] == 0.5 and got["per_subject"] == {"fixture": 0.5}

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-pytest.importorskip("transformers")
+import tiny_models
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
@@ -24,12 +24,9 @@ def test_notebook_code_cells_run():
 
 @pytest.mark.slow
 def test_finetune_llama_alpaca_script_on_a_local_checkpoint(tmp_path):
-  import jax
-  import falqon_jax.hf as fh
   from falqon_jax import export
 
-  model = fh.build_model(fh.tiny_config("llama", vocab_size=272))
-  export.save_bf16(str(tmp_path / "llama"), model, model.init_weights(jax.random.key(0), (1, 8)))
+  export.save_bf16(str(tmp_path / "llama"), *tiny_models.functional("llama", vocab_size=272))
   rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)}
           for i in range(48)]
   (tmp_path / "alpaca.json").write_text(json.dumps(rows))

@@ -1,49 +1,75 @@
-"""falqon_jax.export: FP8 (vLLM fp8 format) and bf16 exports, reloaded with our loader."""
+"""falqon_jax.export: FP8 (vLLM fp8 format) and bf16 exports of every family, reloaded
+with ``models.load``."""
 
+import functools
 import json
 import os
-
-import pytest
-
-pytest.importorskip("transformers")
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 
 import falqon_jax
-import falqon_jax.hf as fh
-from falqon_jax import export
-from falqon_jax import linen as fl
+from falqon_jax import export, models
+from falqon_jax import nnx as fnnx
 from falqon_jax import _safetensors as st
+from falqon_jax._melded_kernel import MeldedKernel
 
-IDS = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) * 7 % 256
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf-tiny"
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(),
+    reason=f"hf-tiny fixtures not found at {FIXTURES} (CI puts ../shared beside the clone)",
+)
+# The fixture of each family (tiny_config where the fixtures are absent).
+ARCH = {"llama": "llama3", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+        "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
+FAMILIES = list(ARCH)
+# Longer than the fixtures' sliding window (8), so local layers differ from global ones.
+IDS = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) * 7 % 256
 
 
-def _melded(model_type):
-  model = fh.build_model(fh.tiny_config(model_type))
-  params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(0), (1, 8))
-  melded, _ = fh.meld_params(model, params, rank=16)
-  # Make the backbone differ from the meld: random deltas merged as a proxy step would.
+def _is_melded(x):
+  return isinstance(x, MeldedKernel)
+
+
+def _meld_and_train(lm):
+  """``(Functional, params)`` of ``lm`` melded at rank 16, with random deltas merged as a
+  proxy step would, so the backbone differs from the meld."""
+  model, params = models.split(lm)
   keys = iter(jax.random.split(jax.random.key(1), 64))
 
   def merged(mk):
     mk = mk.replace(delta=0.05 * jax.random.normal(next(keys), mk.delta.shape))
     return falqon_jax.merge_top_k(mk, mk.rank)
 
-  melded = jax.tree.map(lambda x: merged(x) if fl.is_melded(x) else x, melded,
-                        is_leaf=fl.is_melded)
-  return model, melded
+  return model, jax.tree.map(lambda x: merged(x) if _is_melded(x) else x, params,
+                             is_leaf=_is_melded)
 
 
-@pytest.fixture(scope="module")
-def llama():
-  return _melded("llama")
+@functools.lru_cache(maxsize=None)
+def _melded(family):
+  folder = FIXTURES / ARCH[family]
+  if folder.is_dir():
+    lm = models.load(str(folder), rank=16).model
+  else:
+    lm = models.CausalLM(models.tiny_config(family), rngs=nnx.Rngs(0))
+    fnnx.meld(lm, rank=16)
+  return _meld_and_train(lm)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(model_type="llama", **meld_kwargs):
+  lm = models.CausalLM(models.tiny_config(model_type), rngs=nnx.Rngs(0))
+  fnnx.meld(lm, rank=16, **meld_kwargs)
+  return _meld_and_train(lm)
 
 
 def _logits(model, *trees):
   """Logits of each param tree, all from one executable: compiled once, called on each."""
-  run = jax.jit(fl.melded_fn(lambda p: model(IDS, params=p).logits))
+  run = jax.jit(lambda p: model.apply(p, IDS))
   compiled = run.lower(trees[0]).compile()  # refuses a tree of other structure or dtypes
   return [np.asarray(compiled(t)) for t in trees]
 
@@ -54,8 +80,8 @@ def _fp8_view(params):
   def backbone_only(mk):
     return mk.replace(qweight=mk.qweight[: mk.out_features], delta=mk.delta[:, :0], rank=0)
 
-  return jax.tree.map(lambda x: backbone_only(x) if fl.is_melded(x) else x, params,
-                      is_leaf=fl.is_melded)
+  return jax.tree.map(lambda x: backbone_only(x) if _is_melded(x) else x, params,
+                      is_leaf=_is_melded)
 
 
 def _assert_same_bytes(got, want):
@@ -74,72 +100,126 @@ def _assert_same_bytes(got, want):
 
 
 def _assert_same_config(model, loaded):
+  assert loaded.config == model.config
   ignore = ("quantization_config", "torch_dtype", "dtype")  # what the export sets
-  assert ({k: v for k, v in loaded.model.config.to_dict().items() if k not in ignore}
-          == {k: v for k, v in model.config.to_dict().items() if k not in ignore})
+  strip = lambda d: {k: v for k, v in d.items() if k not in ignore}
+  assert strip(loaded.config.to_hf()) == strip(model.config.to_hf())
 
 
-def _assert_reloads_exactly(model, params, loaded):
-  view = _fp8_view(params)
-  _assert_same_bytes(loaded.params, view)
+def _tensors(folder) -> dict:
+  return {name: arr for f in st.weight_files(str(folder)) for name, arr in st.iter_tensors(f)}
+
+
+def _split_loaded(folder, **kwargs):
+  loaded = models.load(str(folder), **kwargs)
+  return loaded, *models.split(loaded.model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_export_in_float32_reloads_exactly(family, tmp_path):
+  model, params = _melded(family)
+  out = export.save_bf16(str(tmp_path / family), model, params, dtype=None)
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["torch_dtype"] == config.get("dtype", "float32") == "float32"
+  assert "quantization_config" not in config
+  if (FIXTURES / ARCH[family]).is_dir():  # transformers' names: same tensors, new values
+    fixture = _tensors(FIXTURES / ARCH[family])
+    got = _tensors(out)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in fixture.items()}
+  loaded, lmodel, lparams = _split_loaded(out)
+  dense = falqon_jax.unmeld(params)  # f32 holds the dequantized FP8 exactly
+  _assert_same_bytes(lparams, dense)
   _assert_same_config(model, loaded)
-  # One executable on inputs equal byte for byte (scales as their reciprocals, which IEEE
-  # division rounds exactly), so the logits are bit-identical. The rank-16 original runs a
-  # wider GEMM, whose summation order may differ by an ulp, so it is not compared.
-  got, want = _logits(loaded.model, loaded.params, view)
+  got, want = _logits(lmodel, lparams, dense)  # one executable, same bytes
   np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.slow
-def test_fp8_export_format_and_exact_reload(llama, tmp_path):
-  model, params = llama
-  out = export.save_fp8(str(tmp_path / "fp8"), model, params)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_export_reloads_exactly(family, tmp_path):
+  model, params = _melded(family)
+  out = export.save_fp8(str(tmp_path / family), model, params)
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["quantization_config"] == {
       "quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": []}
+  loaded, lmodel, lparams = _split_loaded(out)
+  melded = [k for k in jax.tree.leaves(lparams, is_leaf=_is_melded) if _is_melded(k)]
+  assert len(melded) == 2 * (7 if family != "gpt2" else 4)  # every projection, A dropped
+  assert all(k.rank == 0 for k in melded)
+  view = _fp8_view(params)
+  _assert_same_bytes(lparams, view)
+  _assert_same_config(model, loaded)
+  # One executable on inputs equal byte for byte (scales as their reciprocals, which IEEE
+  # division rounds exactly), so the logits are bit-identical. The rank-16 original runs a
+  # wider GEMM, whose f32 sums may round differently and then flip an FP8 rounding of the
+  # next layer's input, so it is not compared.
+  got, want = _logits(lmodel, lparams, view)
+  np.testing.assert_array_equal(got, want)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", [*ARCH.values(), "llama3_tied"])
+def test_export_writes_what_transformers_writes(arch, tmp_path):
+  """An unmelded fixture exported in float32 gives back transformers' own file: every
+  tensor name (GPT-2's ``transformer.`` prefix, no ``lm_head`` when tied), layout and byte,
+  and its config.json."""
+  model, params = models.split(models.load(str(FIXTURES / arch)).model)
+  out = export.save_bf16(str(tmp_path / arch), model, params, dtype=None)
+  got, want = _tensors(out), _tensors(FIXTURES / arch)
+  assert sorted(got) == sorted(want)
+  for name, arr in want.items():
+    assert (got[name].dtype, got[name].shape) == (arr.dtype, arr.shape), name
+    assert got[name].tobytes() == arr.tobytes(), name
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config.pop("torch_dtype") == "float32"
+  assert config == json.loads((FIXTURES / arch / "config.json").read_text())
+
+
+def test_fp8_export_format(tmp_path):
+  model, params = _tiny("llama")
+  out = export.save_fp8(str(tmp_path / "fp8"), model, params)
   header = st.read_header(os.path.join(out, "model.safetensors"))
   q = header["model.layers.0.self_attn.q_proj.weight"]
   assert q["dtype"] == "F8_E4M3" and q["shape"] == [64, 64]  # (out, in), A rows dropped
+  k = header["model.layers.0.self_attn.k_proj.weight"]
+  assert k["dtype"] == "F8_E4M3" and k["shape"] == [32, 64]
   s = header["model.layers.0.self_attn.q_proj.weight_scale"]
   assert s["dtype"] == "F32" and s["shape"] == []
   assert header["lm_head.weight"]["dtype"] == "F32"
+  assert header["lm_head.weight"]["shape"] == [256, 64]  # torch's (out, in)
   assert header["model.layers.0.input_layernorm.weight"]["shape"] == [64]
   # the weight_scale is the dequant multiplier: W = weight * weight_scale
-  mk = params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
-  tensors = dict(st.iter_tensors(os.path.join(out, "model.safetensors")))
-  w = tensors["model.layers.0.self_attn.q_proj.weight"].astype(np.float32)
-  w = w * tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+  mk = params["layers"][0]["self_attn"]["k_proj"]["kernel"]
+  tensors = _tensors(out)
+  w = tensors["model.layers.0.self_attn.k_proj.weight"].astype(np.float32)
+  w = w * tensors["model.layers.0.self_attn.k_proj.weight_scale"]
   np.testing.assert_allclose(w.T, mk.backbone(), rtol=1e-6)
-  _assert_reloads_exactly(model, params, fh.load(out))
 
 
-@pytest.mark.slow
-def test_bf16_export_reloads_within_bf16_rounding(llama, tmp_path):
-  model, params = llama
-  out = export.save_bf16(str(tmp_path / "bf16"), model, params, max_shard_bytes=40_000)
-  assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
-  loaded = fh.load(out)
-  leaf = loaded.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
-  assert leaf.dtype == jnp.bfloat16
-  want = np.asarray(jax.jit(lambda p: model(IDS, params=p).logits)(falqon_jax.unmeld(params)))
-  got = np.asarray(jax.jit(lambda p: loaded.model(IDS, params=p).logits)(loaded.params))
-  scale = np.abs(want).max()
-  # bf16 moves each weight by at most 2^-9 relative; to first order these add up along a
-  # token's path: embedding, 2 layers of 2 norms + 7 kernels, final norm, head (21 tensors).
-  assert np.abs(got.astype(np.float32) - want).max() < 21 * 2.0**-9 * scale
+def test_fp8_export_lists_unmelded_projections_as_ignored(tmp_path):
+  model, params = _tiny("llama", targets=r"self_attn/q_proj")
+  out = export.save_fp8(str(tmp_path / "q"), model, params, dtype=jnp.bfloat16)
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["torch_dtype"] == "bfloat16"
+  ignored = config["quantization_config"]["ignored_layers"]
+  assert sorted(ignored) == sorted(
+      f"model.layers.{i}.{m}" for i in range(2) for m in (
+          "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+          "mlp.up_proj", "mlp.down_proj"))
+  header = st.read_header(os.path.join(out, "model.safetensors"))
+  assert header["model.layers.1.self_attn.q_proj.weight"]["dtype"] == "F8_E4M3"
+  assert header["model.layers.1.self_attn.k_proj.weight"]["dtype"] == "BF16"
+  _, _, lparams = _split_loaded(out)
+  assert _is_melded(lparams["layers"][1]["self_attn"]["q_proj"]["kernel"])
+  assert not _is_melded(lparams["layers"][1]["self_attn"]["k_proj"]["kernel"])
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-  return _melded("gpt2")
-
-
-@pytest.mark.slow
-def test_gpt2_fp8_export_keeps_conv1d_layout_and_reloads_exactly(gpt2, tmp_path):
-  model, params = gpt2
+def test_gpt2_fp8_export_keeps_conv1d_layout(tmp_path):
+  model, params = _tiny("gpt2")
   out = export.save_fp8(str(tmp_path / "g8"), model, params)
   header = st.read_header(os.path.join(out, "model.safetensors"))
-  tensors = dict(st.iter_tensors(os.path.join(out, "model.safetensors")))
+  tensors = _tensors(out)
   for module, (n_in, n_out) in {"attn.c_attn": (64, 192), "attn.c_proj": (64, 64),
                                 "mlp.c_fc": (64, 256), "mlp.c_proj": (256, 64)}.items():
     name = f"transformer.h.0.{module}"
@@ -147,33 +227,33 @@ def test_gpt2_fp8_export_keeps_conv1d_layout_and_reloads_exactly(gpt2, tmp_path)
     assert header[name + ".weight"]["dtype"] == "F8_E4M3"
     assert header[name + ".weight"]["shape"] == [n_in, n_out]
     assert header[name + ".weight_scale"]["shape"] == []
-    mk = params["transformer"]["h"]["0"]
-    for part in module.split("."):
-      mk = mk[part]
-    mk = mk["kernel"]
+    part, proj = module.split(".")
+    mk = params["layers"][0][{"attn": "self_attn", "mlp": "mlp"}[part]][proj]["kernel"]
     w = tensors[name + ".weight"].astype(np.float32) * tensors[name + ".weight_scale"]
-    np.testing.assert_allclose(w.T, mk.backbone(), rtol=1e-6)  # backbone: (out, in)
+    np.testing.assert_array_equal(w, np.asarray(mk.backbone()))  # backbone: (in, out)
   assert header["transformer.h.0.attn.c_attn.bias"]["dtype"] == "F32"
-  loaded = fh.load(out)
-  kernel = loaded.params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
-  assert isinstance(kernel, fl.TransposedMeldedKernel) and kernel.rank == 0
-  _assert_reloads_exactly(model, params, loaded)
+  assert "lm_head.weight" not in header  # tied to transformer.wte
 
 
-@pytest.mark.slow
-def test_gpt2_bf16_export_round_trip(gpt2, tmp_path):
-  model, params = gpt2
-  out = export.save_bf16(str(tmp_path / "g"), model, params, dtype=jnp.float32)
-  loaded = fh.load(out)
-  dense = falqon_jax.unmeld(params)
-  _assert_same_bytes(loaded.params, dense)  # f32 holds the dequantized FP8 exactly
-  _assert_same_config(model, loaded)
-  got, want = _logits(loaded.model, loaded.params, dense)  # one executable, same bytes
+def test_bf16_export_is_the_bf16_rounding_in_shards(tmp_path):
+  lm = models.CausalLM(models.tiny_config("llama", dtype="float32"), rngs=nnx.Rngs(0))
+  fnnx.meld(lm, rank=16)
+  model, params = _meld_and_train(lm)
+  out = export.save_bf16(str(tmp_path / "bf16"), model, params, max_shard_bytes=40_000)
+  assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+  assert {a.dtype for a in _tensors(out).values()} == {jnp.dtype(jnp.bfloat16)}
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["torch_dtype"] == config["dtype"] == "bfloat16"  # no stale float32 left
+  _, lmodel, lparams = _split_loaded(out)  # bf16 -> float32 is exact
+  rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32),
+                         falqon_jax.unmeld(params))
+  _assert_same_bytes(lparams, rounded)
+  got, want = _logits(lmodel, lparams, rounded)
   np.testing.assert_array_equal(got, want)
 
 
-def test_existing_target_is_refused_and_tokenizer_copied(llama, tmp_path):
-  model, params = llama
+def test_existing_target_is_refused_and_tokenizer_copied(tmp_path):
+  model, params = _tiny("llama")
   target = str(tmp_path / "m")
   export.save_fp8(target, model, params)
   with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
@@ -188,8 +268,8 @@ def test_existing_target_is_refused_and_tokenizer_copied(llama, tmp_path):
   assert leftovers == []
 
 
-def test_interrupted_export_leaves_no_folder(llama, tmp_path, monkeypatch):
-  model, params = llama
+def test_interrupted_export_leaves_no_folder(tmp_path, monkeypatch):
+  model, params = _tiny("llama")
 
   def boom(*a, **k):
     raise KeyboardInterrupt
@@ -201,19 +281,25 @@ def test_interrupted_export_leaves_no_folder(llama, tmp_path, monkeypatch):
 
 
 def test_row_scaling_refused_by_fp8(tmp_path):
-  model = fh.build_model(fh.tiny_config("llama"))
-  params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(0), (1, 8))
-  params, _ = fh.meld_params(model, params, rank=16, scaling="row")
+  model, params = _tiny("llama", scaling="row")
   with pytest.raises(ValueError, match="per-tensor only"):
     export.save_fp8(str(tmp_path / "r"), model, params)
+  assert not os.path.exists(tmp_path / "r")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["mistral", "gemma"])
-def test_fp8_export_round_trip_other_families(family, tmp_path):
-  """Llama and GPT-2 are covered in detail above; the others must round-trip exactly too."""
-  model, params = _melded(family)
-  loaded = fh.load(export.save_fp8(str(tmp_path / family), model, params))
-  melded = [k for k in jax.tree.leaves(loaded.params, is_leaf=fl.is_melded) if fl.is_melded(k)]
-  assert len(melded) == 14 and all(k.rank == 0 for k in melded)  # 7 per layer, A dropped
-  _assert_reloads_exactly(model, params, loaded)
+def test_unmelded_params_refused_by_fp8(tmp_path):
+  model, params = models.split(models.CausalLM(models.tiny_config("llama"), rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="no MeldedKernel; meld first or use save_bf16"):
+    export.save_fp8(str(tmp_path / "p"), model, params)
+  assert not os.path.exists(tmp_path / "p")
+
+
+@pytest.mark.parametrize("save", [export.save_fp8, export.save_bf16])
+def test_a_model_that_is_not_a_functional_is_refused_in_one_line(save, tmp_path):
+  lm = models.CausalLM(models.tiny_config("llama"), rngs=nnx.Rngs(0))
+  _, params = models.split(lm)
+  with pytest.raises(TypeError) as e:
+    save(str(tmp_path / "x"), lm, params)
+  msg = str(e.value)
+  assert "\n" not in msg and "models.Functional" in msg and "models.split" in msg
+  assert not os.path.exists(tmp_path / "x")

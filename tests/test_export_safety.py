@@ -3,21 +3,18 @@
 import os
 
 import pytest
+from flax import nnx
 
-pytest.importorskip("transformers")
-
-import jax
-
-import falqon_jax.hf as fh
-from falqon_jax import export
+from falqon_jax import export, models
+from falqon_jax import nnx as fnnx
 from falqon_jax import _safetensors as st
 
 
 @pytest.fixture(scope="module")
 def llama():
-  model = fh.build_model(fh.tiny_config("llama"))
-  params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(0), (1, 8))
-  return model, fh.meld_params(model, params, rank=16)[0]
+  lm = models.CausalLM(models.tiny_config("llama"), rngs=nnx.Rngs(0))
+  fnnx.meld(lm, rank=16)
+  return models.split(lm)
 
 
 def _snapshot(folder) -> dict:
@@ -100,7 +97,7 @@ def test_overwrite_adds_the_model_and_keeps_every_other_file(llama, tmp_path, ma
   after = _snapshot(target)
   assert {k: after.get(k) for k in before} == before
   assert set(after) - set(before) == {"config.json", "model.safetensors"}
-  assert fh.load(str(target)).model.config.model_type == "llama"
+  assert models.load(str(target)).config.model_type == "llama"
   assert _temps(target.parent) == []
 
 

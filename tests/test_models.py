@@ -448,3 +448,60 @@ def test_split_gives_melded_kernel_leaves_and_the_same_logits():
   apply = jax.jit(fmodel.apply, static_argnames="remat")
   # One compiled program either way: the same numbers.
   np.testing.assert_array_equal(apply(params, ids), jax.jit(lambda m, i: m(i))(model, ids))
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_structured_causal_attention_matches_the_mask(window):
+  # attention="cudnn" passes the causal mask as lengths and a window; the same structured
+  # call on XLA (runnable here) must give what the mask array gives on every valid query.
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, n, 16)) for i, n in
+             ((0, 4), (1, 2), (2, 2)))
+  spec = _decoder.CausalSpec(jnp.array([12, 7], jnp.int32), window, "xla")
+  got = _decoder.attend(q, k, v, spec, 0.25)
+  want = _decoder.attend(q, k, v, _decoder._spec_mask(spec, 12), 0.25)
+  idx = jnp.arange(12)
+  explicit = (idx[None, :] <= idx[:, None]) & (idx[None, :] < jnp.array([12, 7])[:, None, None])
+  if window is not None:
+    explicit &= idx[None, :] > idx[:, None] - window
+  np.testing.assert_array_equal(_decoder._spec_mask(spec, 12)[:, 0], explicit)
+  # Two programs, same f32 math in another order: ~1e-7 relative.
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+  np.testing.assert_allclose(got[1, :7], want[1, :7], atol=1e-5)
+
+
+def test_cudnn_attention_takes_lengths_and_windows_and_falls_back_with_a_cache():
+  cfg = _tiny("mistral", sliding_window=4)
+  model = models.CausalLM(cfg, attention="cudnn", rngs=nnx.Rngs(0))
+  mask = jnp.ones((2, 12), jnp.int32).at[1, 7:].set(0)
+  masks, _ = model._masks(2, 12, mask, None, None, 0)
+  assert masks[_config.FULL].lengths.tolist() == [12, 7] and masks[_config.FULL].window is None
+  assert masks[_config.SLIDING].window == 4
+  assert masks[_config.FULL].implementation == "cudnn"
+  cache = model.init_cache(2, 16)
+  masks, _ = model._masks(2, 12, mask, None, cache, 0)
+  assert masks[_config.FULL].shape == (2, 1, 12, 16)  # decoding: the XLA mask path
+  with pytest.raises(UserInputError, match="attention must be one of xla, cudnn"):
+    models.CausalLM(cfg, attention="flash", rngs=nnx.Rngs(0))
+
+
+def test_segment_ids_keep_packed_examples_apart():
+  model = models.CausalLM(_tiny("llama"), rngs=nnx.Rngs(0))
+  a = jax.random.randint(jax.random.key(1), (1, 5), 0, 64)
+  b = jax.random.randint(jax.random.key(2), (1, 6), 0, 64)
+  packed = jnp.concatenate([a, b], axis=1)
+  seg = jnp.array([[1] * 5 + [2] * 6])
+  pos = jnp.array([list(range(5)) + list(range(6))])
+  got = _run_kw(model, packed, positions=pos, segment_ids=seg)
+  want = jnp.concatenate([_run_kw(model, a), _run_kw(model, b)], axis=1)
+  # Separate programs: f32 reassociation only, far below the O(1) of a leaked context.
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+_run_kw = nnx.jit(lambda m, ids, **kw: m(ids, **kw))
+
+
+def test_untied_gpt2_head_is_a_torch_linear():
+  # GPT2LMHeadModel's lm_head is an nn.Linear, stored (vocab, hidden), unlike its Conv1Ds.
+  cfg = _tiny("gpt2", tie_word_embeddings=False, max_position_embeddings=32)
+  assert models.hf_name(cfg, ("lm_head", "kernel")) == ("lm_head.weight", True)
+  assert models.hf_name(cfg, ("layers", 0, "mlp", "c_fc", "kernel")) == ("h.0.mlp.c_fc.weight", False)

@@ -6,20 +6,21 @@ import numpy as np
 import optax
 import pytest
 
-pytest.importorskip("transformers")
+from flax import nnx
 
-import falqon_jax  # noqa: E402
-import falqon_jax.hf as fh  # noqa: E402
-from falqon_jax import train  # noqa: E402
-import oracle  # noqa: E402
+import falqon_jax
+from falqon_jax import models, train
+from falqon_jax import nnx as fnnx
+import oracle
 
 STEPS, BATCH, SEQ = 2, 8, 16
 
 
 @pytest.fixture(scope="module")
 def setup():
-  model = fh.build_model(fh.tiny_config("llama", num_hidden_layers=1), dtype=jnp.float32)
-  params, _ = fh.meld_params(model, model.init_weights(jax.random.key(0), (1, 8)), 16)
+  lm = models.CausalLM(models.tiny_config("llama", num_hidden_layers=1), rngs=nnx.Rngs(0))
+  fnnx.meld(lm, rank=16)
+  model, params = models.split(lm)
   # SGD: after Adam's first step every |B_ij| is about lr, so row norms tie and the
   # top-k choice would follow last-bit summation differences between the paths.
   tx = falqon_jax.proxy_update(optax.sgd(0.5), top_k=4, reset="merged")
@@ -38,8 +39,10 @@ def _run_jit(setup, devices, fsdp=False):
   state = _fresh_state(params, tx)
   step = dp.compile(train.make_train_step(model, tx), state)
   state = dp.put_state(state)
+  metrics = []
   for b in batches:
-    state, metrics = step(state, dp.put_batch(b))
+    state, m = step(state, dp.put_batch(b))
+    metrics.append(m)
   return state, metrics
 
 
@@ -74,7 +77,8 @@ def test_jit_over_four_devices_matches_one(setup, one_device):
   for a, b in zip(_qweights(state4.params), _qweights(state1.params)):
     oracle.assert_fp8_close(a.view(jnp.float8_e4m3fn), b.view(jnp.float8_e4m3fn), 0.01)
   # The second step's loss: rounding, plus the few weights a flip moved.
-  assert float(m4["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5)
+  for a, b in zip(m4, m1):
+    assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
   q = jax.tree_util.tree_leaves(state4.params, is_leaf=lambda x: isinstance(x, falqon_jax.MeldedKernel))
   mk = next(x for x in q if isinstance(x, falqon_jax.MeldedKernel))
   assert mk.qweight.sharding.is_fully_replicated
@@ -87,8 +91,10 @@ def test_pmap_replicas_identical_and_close_to_one_device(setup, one_device):
   model, params, tx, batches = setup
   state = train.replicate(_fresh_state(params, tx))
   step = jax.pmap(train.pmap_train_step(model, tx), axis_name="data")
+  first = None
   for b in batches:
     state, metrics = step(state, train.split_batch(b, 4))
+    first = metrics if first is None else first
   state1, m1 = one_device
   changed = total = 0
   for stacked, single in zip(_qweights(state.params), _qweights(state1.params)):
@@ -100,9 +106,11 @@ def test_pmap_replicas_identical_and_close_to_one_device(setup, one_device):
     b = single.view(jnp.float8_e4m3fn).astype(np.float64)
     assert np.linalg.norm(a - b) <= 0.01 * np.linalg.norm(b)
   assert changed <= 0.01 * total
-  # Under pmap each device scales its own activations (per-device amax), so the numbers
-  # are close to, not equal to, the global-amax jit run.
-  np.testing.assert_allclose(np.asarray(metrics["loss"]), float(m1["loss"]), rtol=1e-3)
+  # Under pmap each device scales its own activations (per-device amax), so the first
+  # step's loss (same weights) is close to, not equal to, the global-amax jit run: each
+  # activation re-rounds with up to 2^-4 relative error, averaging out over the ~10^4
+  # products behind the mean loss. Later steps also follow any flipped top-k row above.
+  np.testing.assert_allclose(np.asarray(first["loss"]), float(m1[0]["loss"]), rtol=1e-3)
 
 
 def test_fsdp_shards_rows_and_matches_replicated(setup, one_device):

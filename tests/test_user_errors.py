@@ -10,21 +10,18 @@ import numpy as np
 import optax
 import pytest
 
-pytest.importorskip("transformers")
-
-import falqon_jax  # noqa: E402
-import falqon_jax.hf as fh  # noqa: E402
-from falqon_jax import checkpoint, cli, config, data, export, fp8, kernels, train  # noqa: E402
-from falqon_jax import eval as fe  # noqa: E402
-from falqon_jax.errors import UserInputError  # noqa: E402
-from falqon_jax import _safetensors as st  # noqa: E402
+import falqon_jax
+import tiny_models
+from falqon_jax import checkpoint, cli, config, data, export, fp8, kernels, models, train
+from falqon_jax import _safetensors as st
+from falqon_jax import eval as fe
+from falqon_jax.errors import UserInputError
 
 TOK = data.ByteTokenizer()  # vocab 272: the tiny models below share it
 
 
-def _tiny_llama():
-  model = fh.build_model(fh.tiny_config("llama", vocab_size=TOK.vocab_size, num_hidden_layers=1))
-  return model, jax.jit(model.init_weights, static_argnums=1)(jax.random.key(0), (1, 8))
+def _tiny_llama(**kw):
+  return tiny_models.functional("llama", vocab_size=TOK.vocab_size, num_hidden_layers=1, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +114,10 @@ def test_save_fp8_refusals_are_user_errors(llama, tmp_path):
   with pytest.raises(UserInputError, match="params hold no MeldedKernel") as excinfo:
     export.save_fp8(str(tmp_path / "plain"), model, params)
   _one_line_user_error(excinfo)
-  row, _ = fh.meld_params(model, params, rank=16, scaling="row")
+  lm = model.merge(params)
+  falqon_jax.nnx.meld(lm, rank=16, scaling="row")
   with pytest.raises(UserInputError, match="uses scaling='row'") as excinfo:
-    export.save_fp8(str(tmp_path / "row"), model, row)
+    export.save_fp8(str(tmp_path / "row"), *models.split(lm))
   _one_line_user_error(excinfo)
   assert os.listdir(tmp_path) == []  # refused before anything was written
 
@@ -135,25 +133,25 @@ def _copy_config(hf_folder, folder):
 
 def test_damaged_hf_folders_are_user_errors(hf_folder, tmp_path):
   bad = _copy_config(hf_folder, str(tmp_path / "index"))
-  with open(os.path.join(bad, fh._load.INDEX), "w") as f:
+  with open(os.path.join(bad, st.INDEX), "w") as f:
     f.write("{}")
   with pytest.raises(UserInputError, match="no weight_map") as excinfo:
-    fh.load(bad)
+    models.load(bad)
   _one_line_user_error(excinfo)
-  with open(os.path.join(bad, fh._load.INDEX), "w") as f:
+  with open(os.path.join(bad, st.INDEX), "w") as f:
     f.write("{not json")
   with pytest.raises(UserInputError, match="not valid JSON") as excinfo:
-    fh.load(bad)
+    models.load(bad)
   _one_line_user_error(excinfo)
   extra = _copy_config(hf_folder, str(tmp_path / "extra"))
   st.save_file({"foo.weight": np.ones((2, 2), np.float32)}, os.path.join(extra, "model.safetensors"))
   with pytest.raises(UserInputError, match="unexpected tensor 'foo.weight'") as excinfo:
-    fh.load(extra)
+    models.load(extra)
   _one_line_user_error(excinfo)
   with open(os.path.join(extra, "config.json"), "w") as f:
     f.write("[1, 2]")
   with pytest.raises(UserInputError, match="expected a JSON object") as excinfo:
-    fh.load(extra)
+    models.load(extra)
   _one_line_user_error(excinfo)
 
 
@@ -281,7 +279,8 @@ def _cli_error(capsys, argv):
 def test_cli_unsupported_model_type_is_one_line(tmp_path, capsys):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
   err = _cli_error(capsys, ["eval", str(tmp_path), "--builtin"])
-  assert "unsupported model_type 'bert'; supported: gemma, gpt2, llama, mistral" in err
+  assert ("unsupported model_type 'bert'; supported: llama, mistral, qwen2, qwen3, gemma,"
+          " gemma2, gemma3_text, gpt2") in err
 
 
 def test_cli_corrupt_weights_are_one_line(hf_folder, tmp_path, capsys):

@@ -15,6 +15,7 @@ maps them to mesh axes for FSDP or tensor parallelism.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple, Optional
@@ -24,6 +25,7 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 from flax import nnx
 
+from falqon_jax.errors import UserInputError
 from falqon_jax.models._config import FULL, SLIDING, ModelConfig, Rope, inv_freq
 
 _F32 = jnp.float32
@@ -122,13 +124,39 @@ def rope_tables(rope: Rope, head_dim: int, max_pos: int, positions):
   return jnp.cos(freqs) * att, jnp.sin(freqs) * att
 
 
-def attend(q, k, v, mask, scale: float, softcap: Optional[float] = None):
-  """Attention on (B, T, N, H) queries and (B, S, K, H) keys/values (GQA), bool mask.
+ATTENTION = ("xla", "cudnn")
 
-  Without soft-capping this is ``jax.nn.dot_product_attention`` with its default (XLA)
-  implementation and a boolean mask. Its signature has no soft-cap, so Gemma 2's capped
-  scores take an explicit einsum path; ``mask`` broadcasts to (B, 1, T, S).
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["lengths"],
+                   meta_fields=["window", "implementation"])
+@dataclasses.dataclass(frozen=True)
+class CausalSpec:
+  """A causal mask given by its structure instead of as a (B, 1, T, S) array: right-padded
+  rows of ``lengths`` valid tokens, an optional sliding ``window``. The form cuDNN's flash
+  attention takes (it builds no mask in memory)."""
+
+  lengths: jax.Array  # (B,) int32
+  window: Optional[int]
+  implementation: str
+
+
+def attend(q, k, v, mask, scale: float, softcap: Optional[float] = None):
+  """Attention on (B, T, N, H) queries and (B, S, K, H) keys/values (GQA).
+
+  ``mask`` is a boolean array broadcasting to (B, 1, T, S), or a :class:`CausalSpec`.
+  Without soft-capping this is ``jax.nn.dot_product_attention``: with an array mask on
+  its XLA implementation, with a spec as ``is_causal`` plus sequence lengths and a local
+  window on the spec's implementation (``"cudnn"``: flash attention on NVIDIA GPUs). Its
+  signature has no soft-cap, so Gemma 2's capped scores take an explicit einsum path.
   """
+  if isinstance(mask, CausalSpec):
+    if softcap is None:
+      window = None if mask.window is None else (mask.window - 1, 0)
+      return jax.nn.dot_product_attention(
+          q, k, v, scale=scale, is_causal=True, query_seq_lengths=mask.lengths,
+          key_value_seq_lengths=mask.lengths, local_window_size=window,
+          implementation=mask.implementation)
+    mask = _spec_mask(mask, q.shape[1])
   if softcap is None:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
   b, t, n, h = q.shape
@@ -140,6 +168,15 @@ def attend(q, k, v, mask, scale: float, softcap: Optional[float] = None):
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
   return out.reshape(b, t, n, h)
+
+
+def _spec_mask(spec: CausalSpec, t: int):
+  """The (B, 1, T, T) boolean mask a :class:`CausalSpec` stands for."""
+  idx = jnp.arange(t)
+  mask = (idx[None, :] <= idx[:, None])[None] & (idx < spec.lengths[:, None])[:, None, :]
+  if spec.window is not None:
+    mask &= (idx[None, :] > idx[:, None] - spec.window)[None]
+  return mask[:, None]
 
 
 class KVCache(NamedTuple):
@@ -265,9 +302,19 @@ class CausalLM(nnx.Module):
   (B, T, vocab). ``attention_mask`` (B, T) marks the valid tokens (1) and pads (0);
   ``positions`` (B, T) default to 0..T-1 in every row, as HF's do.
 
+  ``segment_ids`` (B, T) number the examples packed into a row (pads 0): each token then
+  attends only within its own example.
+
   For generation pass ``cache=model.init_cache(batch, max_len)``: the call then returns
   ``(logits, cache)``, attends to the cached tokens too, ``attention_mask`` covers the
   new tokens only and the positions default to the cache slots they fill.
+
+  ``attention="cudnn"`` runs ``jax.nn.dot_product_attention`` as cuDNN flash attention
+  (NVIDIA GPUs, bf16/fp16) with the causal mask, padding and sliding windows given as
+  structure (sequence lengths, a local window), not as a mask array. It needs the rows
+  right-padded (``attention_mask`` ones, then zeros), as training batches are; calls with
+  a cache or ``segment_ids``, and Gemma 2's soft-capped layers, use the XLA path. The
+  default ``"xla"`` runs anywhere.
 
   With ``remat=True`` each decoder layer runs under ``jax.checkpoint`` and keeps only its
   output (:data:`LAYER_OUTPUT`) for the backward pass; the rest of the layer, melded
@@ -285,9 +332,12 @@ class CausalLM(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
-               rngs: nnx.Rngs):
+               attention: str = "xla", rngs: nnx.Rngs):
+    if attention not in ATTENTION:
+      raise UserInputError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     self.config = cfg
     self.remat = remat
+    self.attention = attention
     d = cfg.hidden_size
     self.embed_tokens = nnx.Embed(cfg.vocab_size, d, dtype=dtype, param_dtype=dtype,
                                   embedding_metadata=_axes("vocab", "embed"), rngs=rngs)
@@ -311,9 +361,39 @@ class CausalLM(nnx.Module):
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
-  def __call__(
-      self, input_ids, attention_mask=None, positions=None, cache: Optional[KVCache] = None
-  ):
+  def _masks(self, b, t, attention_mask, segment_ids, cache, start):
+    """``{layer type: mask}`` and the cache's validity (None without a cache).
+
+    Masks are over token indices (query i sees keys j <= i; RoPE is over positions).
+    """
+    cfg = self.config
+    window = cfg.sliding_window
+    if segment_ids is not None and cache is not None:
+      raise UserInputError("segment_ids (packed rows) are for training and scoring; pass no"
+                           " cache with them")
+    if self.attention != "xla" and cache is None and segment_ids is None:
+      # Right-padded rows (training batches, scoring) as lengths: no mask array.
+      lengths = (jnp.full((b,), t, jnp.int32) if attention_mask is None
+                 else jnp.sum(attention_mask != 0, axis=-1, dtype=jnp.int32))
+      specs = {FULL: CausalSpec(lengths, None, self.attention)}
+      if window is not None:
+        specs[SLIDING] = CausalSpec(lengths, window, self.attention)
+      return specs, None
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask != 0
+    if cache is not None:
+      valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))
+    qidx = start + jnp.arange(t)
+    kidx = jnp.arange(valid.shape[1])
+    causal = (kidx[None, :] <= qidx[:, None])[None] & valid[:, None, :]
+    if segment_ids is not None:  # packed rows: each example sees only itself
+      causal &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    masks = {FULL: causal}
+    if window is not None:
+      masks[SLIDING] = causal & (kidx[None, :] > qidx[:, None] - window)
+    return {k: m[:, None] for k, m in masks.items()}, (valid if cache is not None else None)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None,
+               cache: Optional[KVCache] = None, segment_ids=None):
     cfg = self.config
     b, t = input_ids.shape
     start = 0 if cache is None else cache.index
@@ -325,17 +405,7 @@ class CausalLM(nnx.Module):
     if self.embed_positions is not None:
       x = x + self.embed_positions(positions)
 
-    # Masks are over token indices (query i sees keys j <= i), RoPE over positions.
-    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask != 0
-    if cache is not None:
-      valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))
-    qidx = start + jnp.arange(t)
-    kidx = jnp.arange(valid.shape[1])
-    causal = (kidx[None, :] <= qidx[:, None])[None] & valid[:, None, :]
-    masks = {FULL: causal}
-    if cfg.sliding_window is not None:
-      masks[SLIDING] = causal & (kidx[None, :] > qidx[:, None] - cfg.sliding_window)
-    masks = {k: m[:, None] for k, m in masks.items()}
+    masks, valid = self._masks(b, t, attention_mask, segment_ids, cache, start)
     ropes = {}
     for lt, rope in cfg.rope:
       if rope is not None and lt in masks:

@@ -42,7 +42,7 @@ class Functional:
     return nnx.merge(self.graphdef, params)
 
   def apply(self, params, input_ids, attention_mask=None, positions=None, *,
-            cache: Optional[KVCache] = None, remat: bool = False):
+            cache: Optional[KVCache] = None, segment_ids=None, remat: bool = False):
     """Float32 logits (and the new cache, when ``cache`` is given); see :class:`CausalLM`.
 
     ``remat=True`` recomputes each decoder layer in the backward pass, keeping only its
@@ -50,7 +50,8 @@ class Functional:
     """
     model = self.merge(params)
     model.remat = remat
-    return model(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
+    return model(input_ids, attention_mask=attention_mask, positions=positions, cache=cache,
+                 segment_ids=segment_ids)
 
   def init_cache(self, params, batch: int, max_len: int) -> KVCache:
     """An empty :class:`KVCache` in the model's dtype."""

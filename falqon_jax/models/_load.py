@@ -51,8 +51,9 @@ def hf_name(cfg: ModelConfig, path: tuple) -> tuple[str, bool]:
     mods = [_GPT2_NAMES.get(m, m) for m in mods]
   elif mods != ["lm_head"]:
     mods = ["model", *mods]
-  # nnx.Linear keeps (in, out); torch Linear stores (out, in), GPT-2's Conv1D (in, out).
-  transposed = leaf == "kernel" and not gpt2
+  # nnx.Linear keeps (in, out); torch Linear stores (out, in), GPT-2's Conv1D (in, out)
+  # (its untied lm_head is a torch Linear).
+  transposed = leaf == "kernel" and (not gpt2 or mods == ["lm_head"])
   name = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
   return ".".join([*mods, name]), transposed
 
@@ -96,7 +97,7 @@ def _fp8_kernel(q: np.ndarray, weight_scale, transposed: bool) -> MeldedKernel:
 
 
 def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=None,
-         **meld_kwargs) -> Loaded:
+         attention: str = "xla", **meld_kwargs) -> Loaded:
   """Loads a local HF causal-LM folder without torch or transformers' model classes.
 
   Weights come from ``model.safetensors`` or the shards a ``model.safetensors.index.json``
@@ -109,7 +110,7 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=
   :func:`falqon_jax.nnx.meld` with the same ``targets`` / ``init`` / ``key`` /
   ``scaling`` (each layer folds its own index into ``key``). A folder written by
   :func:`falqon_jax.export.save_fp8` loads its FP8 weights as rank-0 melded layers (the A
-  rows were dropped: for inference and export).
+  rows were dropped: for inference and export). ``attention`` is :class:`CausalLM`'s.
 
   Example:
     >>> from falqon_jax import models
@@ -118,7 +119,8 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=
   cfg = read_config(folder)
   hf = cfg.to_hf()
   fp8 = (hf.get("quantization_config") or {}).get("quant_method") == "fp8"
-  model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, attention=attention,
+                                          rngs=nnx.Rngs(0)))
   match = None if targets is None else _matcher(targets)
   plan = {}
   if rank is not None:
