@@ -15,9 +15,8 @@
 #   quality benchmarks/quality.py on a 1024-wide, 8-layer Llama (rank 64): bf16-lora,
 #           the reference and the CLI default, each with its lr sweep            ~6
 #
-# First, here (not on the GPU machine): `bash benchmarks/device_wheels.sh` fills .whl/
-# with what the GPU image lacks; then call the device tool with carry=[".whl"], e.g.
-#   command: bash benchmarks/gpu_session.sh check layer
+# Call the device tool with, e.g., command: bash benchmarks/gpu_session.sh check layer
+# Wheels the GPU image lacks go in .whl/ (git-ignored; carry=[".whl"]): installed first.
 # The quality stage reads the corpus from $FALQON_CORPUS (default .corpus/, git-ignored):
 # `cp -r ../shared/data/shakespeare .corpus` here and add ".corpus" to carry.
 # Results land in $OUT (the device tool's return folder; default /tmp/falqon_gpu): one
@@ -36,7 +35,7 @@ CLI_DEFAULT="falqon[init=random,reset=merged,rounding=stochastic,top_k=all]"
 export PYTHONUNBUFFERED=1
 
 if [ $# -eq 0 ]; then
-  sed -n '2,26p' "$0"
+  sed -n '2,25p' "$0"
   exit 2
 fi
 for stage in "$@"; do
@@ -68,7 +67,7 @@ fi
   echo "command: bash benchmarks/gpu_session.sh $*"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  python3 -c 'import sys, jax, jaxlib, flax, optax, transformers; print("python", sys.version.split()[0], "| jax", jax.__version__, "jaxlib", jaxlib.__version__, "| flax", flax.__version__, "| optax", optax.__version__, "| transformers", transformers.__version__); print("devices", jax.devices())' 2>&1
+  python3 -c 'import sys, jax, jaxlib, flax, optax; print("python", sys.version.split()[0], "| jax", jax.__version__, "jaxlib", jaxlib.__version__, "| flax", flax.__version__, "| optax", optax.__version__); print("devices", jax.devices())' 2>&1
 } | tee "$OUT/env.txt"
 
 # step NAME COMMAND...: runs with the time left in this call's budget, logs to $OUT/NAME.log.

@@ -1,9 +1,11 @@
 """The fine-tuning methods the benchmarks compare, behind one interface, in pure JAX.
 
-Every method replaces each targeted ``nn.Dense`` kernel of a linen model by a *kernel
-state* (a pytree dataclass) and supplies the dense op that runs on it; one linen
-interceptor (:func:`intercepted`) routes every Dense call to that op, so the same model
-code (Hugging Face's Flax Llama layers, see :class:`LlamaLM`) runs all of them:
+Every method runs the same decoder, :class:`falqon_jax.models.CausalLM` (a Llama config,
+:func:`llama_config`), and replaces each targeted ``nnx.Linear`` projection by its own
+layer: FALQON melds it (:func:`falqon_jax.nnx.meld`, a ``MeldedLinear``), the baselines
+swap in a :class:`StateLinear` holding a *kernel state* (a pytree dataclass) that
+:func:`apply_state` runs. :func:`falqon_jax.models.split` then makes the model a pure
+function of a params tree in which each state is one leaf:
 
 * ``bf16-lora``: frozen bf16 ``W``, LoRA ``A``/``B`` on a separate path. Every GEMM has
   bf16 operands and a bf16 result (f32 accumulation inside the GEMM); the f32 master
@@ -27,10 +29,12 @@ code (Hugging Face's Flax Llama layers, see :class:`LlamaLM`) runs all of them:
   ``proxy_update`` (``reset``, ``rounding``, ``top_k``, ``warmup_steps``) and of the meld
   (``scaling``, ``init``) select the variant.
 
-Each :class:`Method` also builds its optimizer step. All of them use the same inner
-optimizer (clip the global norm at 3.0, Adam (0.9, 0.999), constant learning rate, no
-weight decay, as the FALQON reference), with the learning rate passed at each call so
-that one compiled step serves a whole learning-rate sweep.
+Each :class:`Method` also builds its optimizer. All of them use the same inner optimizer
+(clip the global norm at 3.0, Adam (0.9, 0.999), constant learning rate, no weight decay,
+as the FALQON reference), with the learning rate passed at each call so that one compiled
+step serves a whole learning-rate sweep. FALQON's step is the library's own
+(:func:`falqon_jax.train.make_train_step`); the baselines differentiate their
+trainable leaves only, with the same loss (:func:`falqon_jax.train.next_token_nll`).
 
 qwix 0.1.8 (``LoraProvider`` with fp8 or nf4 weights) installs beside jax 0.10.2 and runs,
 but it is not used here: it owns its LoRA params (``kernel_lora_a``/``_b``), which does not
@@ -43,21 +47,21 @@ output channel by default; QLoRA's (and this file's) is per block of 64.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import re
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax import lax
 
 import falqon_jax
-from falqon_jax import fp8
+from falqon_jax import fp8, models, train
+from falqon_jax import nnx as fnnx
 
 METHODS = ("bf16-lora", "fp8-base-lora", "fp8-all-lora", "qlora-nf4", "falqon")
 """The five methods, in the order the tables print them."""
@@ -68,7 +72,11 @@ with no FP8 at all (bf16 ``W``, ``A`` frozen at FALQON's SVD init, only ``B`` tr
 ``W + BA`` exact). Its gain is what FALQON could keep if the FP8 merge lost nothing."""
 
 LLAMA_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
-"""Every linear of a Llama decoder layer (the paper puts LoRA on all of them)."""
+"""Every linear of a Llama decoder layer (the paper puts LoRA on all of them), as a regex
+over the CausalLM's kernel paths (``layers/0/self_attn/q_proj/kernel``)."""
+
+INIT_STD = 0.02
+"""HF Llama's ``initializer_range``: every random-init matrix is N(0, INIT_STD)."""
 
 _TN = (((1,), (1,)), ((), ()))  # contract the last dim of both 2-D operands
 
@@ -318,28 +326,45 @@ def apply_state(x: jax.Array, state, bias=None) -> jax.Array:
   return y if bias is None else y + bias.astype(y.dtype)
 
 
-def _interceptor(next_fun, args, kwargs, context):
-  module = context.module
-  if (context.method_name != "__call__" or module.scope is None
-      or not isinstance(module, nn.Dense) or not module.has_variable("params", "kernel")):
-    return next_fun(*args, **kwargs)
-  kernel = module.get_variable("params", "kernel")
-  if not is_state(kernel):
-    return next_fun(*args, **kwargs)
-  x = args[0] if args else kwargs["inputs"]
-  dtype = module.dtype or jnp.asarray(x).dtype
-  bias = module.get_variable("params", "bias") if module.use_bias else None
-  return apply_state(jnp.asarray(x, dtype), kernel, bias)
+class KernelState(nnx.Variable):
+  """A baseline's kernel state: one pytree leaf of the model's params, as
+  :class:`falqon_jax.nnx.Melded` is for FALQON."""
 
 
-@contextlib.contextmanager
-def intercepted():
-  """Routes every ``nn.Dense`` whose kernel is a kernel state to :func:`apply_state`.
+class StateLinear(nnx.Module):
+  """An ``nnx.Linear`` whose kernel is a baseline's kernel state:
+  ``y = apply_state(x, state) + bias``, in the replaced layer's compute dtype."""
 
-  Put the ``with`` inside the traced (jitted) function: interception acts at trace time.
-  """
-  with nn.intercept_methods(_interceptor):
-    yield
+  def __init__(self, state, bias: Optional[jax.Array] = None, *, dtype=None):
+    if not is_state(state) or isinstance(state, falqon_jax.MeldedKernel):
+      raise TypeError(f"StateLinear needs a baseline kernel state, got {type(state).__name__}")
+    self.kernel = KernelState(state)
+    self.bias = None if bias is None else nnx.Param(bias)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    bias = None if self.bias is None else self.bias[...]
+    return apply_state(x, self.kernel.get_value(), bias)
+
+
+def swap_in(lm: nnx.Module, path: tuple, linear: nnx.Linear, state) -> None:
+  """Replaces the ``nnx.Linear`` at ``path`` of ``lm`` by the layer that runs ``state``
+  (a ``MeldedLinear`` for FALQON's kernel, else a :class:`StateLinear`)."""
+  if isinstance(state, falqon_jax.MeldedKernel):
+    fnnx.swap_in(lm, path, linear, state)
+    return
+  bias = None if linear.bias is None else linear.bias[...]
+  parent = lm
+  for k in path[:-1]:
+    parent = parent[k] if isinstance(k, int) else getattr(parent, k)
+  setattr(parent, path[-1], StateLinear(state, bias, dtype=linear.dtype))
+
+
+def _matcher(targets: str):
+  pattern = re.compile(targets)
+  return lambda path, leaf: pattern.search(path) is not None
 
 
 # ----------------------------------------------------------------------------------------
@@ -353,29 +378,13 @@ def _lora_init(key, in_f, out_f, rank):
   return a, jnp.zeros((rank, out_f), jnp.float32)
 
 
-class LrArgState(optax.EmptyState):
-  pass
+def inner_optimizer(lr, clip: float = 3.0) -> optax.GradientTransformation:
+  """The shared optimizer: global-norm clip, Adam(0.9, 0.999, 1e-8), then ``-lr``.
 
-
-def scale_by_lr_arg() -> optax.GradientTransformationExtraArgs:
-  """``-lr * updates`` with ``lr`` passed to ``update(..., lr=...)``: one compiled step
-  serves every learning rate of a sweep."""
-
-  def init(params):
-    del params
-    return LrArgState()
-
-  def update(updates, state, params=None, *, lr, **extra):
-    del params, extra
-    return jax.tree_util.tree_map(lambda u: -lr * u, updates), state
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-def inner_optimizer(clip: float = 3.0) -> optax.GradientTransformationExtraArgs:
-  """The shared optimizer: global-norm clip, Adam(0.9, 0.999, 1e-8), lr from the call."""
+  ``lr`` may be traced: built inside a jitted step, one compiled step serves every
+  learning rate of a sweep (the state does not depend on it)."""
   return optax.chain(optax.clip_by_global_norm(clip), optax.scale_by_adam(),
-                     scale_by_lr_arg())
+                     optax.scale(-lr))
 
 
 def trainable_tree(params):
@@ -390,11 +399,6 @@ def with_trainable(params, trainable):
   return jax.tree_util.tree_map(
       lambda p, t: dataclasses.replace(p, **t) if is_state(p) else p,
       params, trainable, is_leaf=is_state)
-
-
-def states_only(params):
-  return jax.tree_util.tree_map(lambda p: p if is_state(p) else None, params,
-                                is_leaf=is_state)
 
 
 def count_trainable(params) -> int:
@@ -430,16 +434,19 @@ class Method:
     return dict(self.falqon)
 
   def prepare_kernel(self, kernel: jax.Array, key: jax.Array):
-    """The kernel state for one Flax ``(in, out)`` kernel."""
+    """The kernel state for one Flax ``(in, out)`` kernel.
+
+    FALQON melds the kernel in its own dtype, as :func:`falqon_jax.nnx.meld` does (a
+    bf16 W's quantization error is taken in bf16, as in the reference)."""
     in_f, out_f = kernel.shape
     if self.kind == "falqon":
       opts = self.options
       init = opts.get("init", "svd")
-      return falqon_jax.meld_kernel(kernel.astype(jnp.float32), self.rank, init=init,
+      return falqon_jax.meld_kernel(kernel, self.rank, init=init,
                                     key=key if init == "random" else None,
                                     scaling=opts.get("scaling", "tensor"))
     if self.kind == "lora-fa":  # FALQON's A and update unit, in exact arithmetic
-      mk = falqon_jax.meld_kernel(kernel.astype(jnp.float32), self.rank)
+      mk = falqon_jax.meld_kernel(kernel, self.rank)
       a = mk.lora_a(jnp.float32).T  # merging delta adds delta @ A (dequantized) to W
       return LoraFaKernel(kernel.astype(jnp.bfloat16), a,
                           jnp.zeros((self.rank, out_f), jnp.float32), 1.0)
@@ -455,40 +462,39 @@ class Method:
     codes, absmax = jax.jit(nf4_quantize)(kernel.T)
     return Nf4LoraKernel(codes, absmax, a, b, scaling)
 
-  def prepare(self, params, key: jax.Array, targets: str = LLAMA_TARGETS, copy: bool = True):
-    """``params`` with every kernel whose slash-joined path matches ``targets`` replaced
-    by this method's state; everything else unchanged.
+  def prepare(self, model: models.Functional, params, key: jax.Array,
+              targets: str = LLAMA_TARGETS, copy: bool = True):
+    """``(model, params)`` of the CausalLM ``model`` holds with ``params``, each
+    projection whose kernel path (``layers/0/self_attn/q_proj/kernel``) matches
+    ``targets`` replaced by this method's layer; everything else unchanged.
 
-    With ``copy`` (the default) no leaf is shared with ``params``, so a train step that
-    donates the result leaves the caller's base model intact.
+    FALQON melds with :func:`falqon_jax.nnx.meld` (``key`` for ``init="random"``); the
+    baselines get a :class:`StateLinear` per projection, each with its own fold of
+    ``key``. With ``copy`` (the default) no leaf is shared with ``params``, so a train
+    step that donates the result leaves the caller's base model intact.
     """
-    pattern = re.compile(targets)
-    counter = iter(range(1 << 30))
-
-    def convert(kpath, leaf):
-      path = "/".join(str(getattr(k, "key", k)) for k in kpath)
-      if not pattern.search(path) or getattr(leaf, "ndim", 0) != 2:
-        return leaf
-      return self.prepare_kernel(leaf, jax.random.fold_in(key, next(counter)))
-
-    out = jax.tree_util.tree_map_with_path(convert, params)
-    if not any(is_state(x) for x in jax.tree_util.tree_leaves(out, is_leaf=is_state)):
-      raise ValueError(f"targets {targets!r} matched no 2-D kernel")
-    return jax.tree_util.tree_map(jnp.copy, out) if copy else out
+    lm = model.merge(params)
+    if self.kind == "falqon":
+      opts = self.options
+      init = opts.get("init", "svd")
+      fnnx.meld(lm, self.rank, targets=targets, init=init,
+                key=key if init == "random" else None, scaling=opts.get("scaling", "tensor"))
+    else:
+      for path, linear, index in fnnx.meld_plan(lm, _matcher(targets), targets):
+        state = self.prepare_kernel(linear.kernel[...], jax.random.fold_in(key, index))
+        swap_in(lm, path, linear, state)
+    model, out = models.split(lm)
+    return model, (jax.tree_util.tree_map(jnp.copy, out) if copy else out)
 
   def optimizer(self, key: Optional[jax.Array] = None) -> "Optimizer":
-    """The optimizer step for this method's prepared params."""
-    inner = inner_optimizer()
+    """The optimizer for this method's prepared params (``key``: stochastic rounding's)."""
     if self.kind != "falqon":
-      return Optimizer(
-          init=lambda params: inner.init(trainable_tree(params)),
-          step=functools.partial(_lora_step, inner))
+      return Optimizer(inner_optimizer, falqon=False)
     opts = {k: v for k, v in self.options.items() if k not in ("scaling", "init")}
     if opts.get("rounding") == "stochastic":
       opts["key"] = jax.random.key(0) if key is None else key
-    tx = falqon_jax.proxy_update(inner, **opts)
-    return Optimizer(init=lambda params: tx.init(states_only(params)),
-                     step=functools.partial(_falqon_step, tx))
+    return Optimizer(lambda lr: falqon_jax.proxy_update(inner_optimizer(lr), **opts),
+                     falqon=True)
 
 
 @jax.jit
@@ -500,26 +506,26 @@ def _quantize_weight(kernel):
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-  """``init(params) -> state``; ``step(params, grads, state, lr) -> (params, state)``,
-  where ``grads`` is the gradient of the :func:`trainable_tree`."""
+  """A method's optimizer: ``tx(lr)`` is its optax transformation at learning rate ``lr``.
 
-  init: Callable[[Any], Any]
-  step: Callable[..., Any]
+  FALQON's (``falqon=True``) is :func:`falqon_jax.proxy_update` over the whole params
+  tree, for :func:`falqon_jax.train.make_train_step`; the baselines' is
+  :func:`inner_optimizer` over :func:`trainable_tree`.
+  """
 
+  tx: Callable[[Any], optax.GradientTransformation]
+  falqon: bool
 
-def _lora_step(inner, params, grads, state, lr):
-  t = trainable_tree(params)
-  updates, state = inner.update(grads, state, t, lr=lr)
-  return with_trainable(params, optax.apply_updates(t, updates)), state
+  def init(self, params):
+    return self.tx(0.0).init(params if self.falqon else trainable_tree(params))
 
-
-def _falqon_step(tx, params, grads, state, lr):
-  melded = states_only(params)
-  grads = with_trainable(melded, grads)  # MeldedKernel nodes whose delta is the gradient
-  updates, state = tx.update(grads, state, melded, lr=lr)
-  new = falqon_jax.apply_updates(melded, updates)
-  return jax.tree_util.tree_map(lambda p, n: n if is_state(p) else p, params, new,
-                                is_leaf=is_state), state
+  def update(self, params, grads, state, lr):
+    """A baseline's update: ``grads`` is the gradient of :func:`trainable_tree`."""
+    if self.falqon:
+      raise TypeError("FALQON updates inside falqon_jax.train.make_train_step")
+    t = trainable_tree(params)
+    updates, state = self.tx(lr).update(grads, state, t)
+    return with_trainable(params, optax.apply_updates(t, updates)), state
 
 
 def make_method(spec: str, rank: int, alpha: float = 16.0) -> Method:
@@ -542,88 +548,54 @@ def make_method(spec: str, rank: int, alpha: float = 16.0) -> Method:
 
 
 # ----------------------------------------------------------------------------------------
-# The model: Hugging Face's Flax Llama layers, with per-layer remat
+# The model: falqon_jax.models.CausalLM with a Llama config
 
 
-def _hf():
-  from transformers.models.llama import modeling_flax_llama  # the optional [hf] extra
-
-  return modeling_flax_llama
-
-
-class _Layers(nn.Module):
-  config: Any
-  dtype: Any
-  remat: bool
-
-  def setup(self):
-    cls = _hf().FlaxLlamaDecoderLayer
-    cls = nn.remat(cls) if self.remat else cls
-    self.blocks = [cls(self.config, dtype=self.dtype, name=str(i))
-                   for i in range(self.config.num_hidden_layers)]
-
-  def __call__(self, h, mask, pos):
-    for block in self.blocks:
-      h = block(h, mask, pos)[0]
-    return h
+def llama_config(**overrides) -> models.ModelConfig:
+  """A Llama :class:`falqon_jax.models.ModelConfig` from HF config.json keys: LLaMA-7B's
+  shape by default."""
+  hf = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+            max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
+  hf.update(overrides)
+  return models.ModelConfig.from_hf(hf, "llama_config")
 
 
-class _Model(nn.Module):
-  config: Any
-  dtype: Any
-  remat: bool
+def build(cfg: models.ModelConfig, key: jax.Array, method: Optional[Method] = None, *,
+          dtype=jnp.bfloat16, param_dtype=None, targets: str = LLAMA_TARGETS,
+          std: float = INIT_STD):
+  """``(model, params)`` of a random-init CausalLM computing in ``dtype``, each projection
+  matching ``targets`` already in ``method``'s state (none without a method).
 
-  def setup(self):
-    cfg = self.config
-    init = jax.nn.initializers.normal(cfg.initializer_range)
-    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
-                                 dtype=self.dtype)
-    self.layers = _Layers(cfg, self.dtype, self.remat)
-    self.norm = _hf().FlaxLlamaRMSNorm(cfg, dtype=self.dtype)
-
-  def __call__(self, input_ids):
-    batch, seq = input_ids.shape
-    mask = jnp.ones((batch, seq), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    return self.norm(self.layers(self.embed_tokens(input_ids), mask, pos))
-
-
-class LlamaLM(nn.Module):
-  """A causal LM made of transformers' Flax Llama layers (``FlaxLlamaDecoderLayer``,
-  ``FlaxLlamaRMSNorm``) under HF's param names (``model/layers/0/self_attn/q_proj/kernel``,
-  ``lm_head/kernel``), so its tree is a ``FlaxLlamaForCausalLM`` tree.
-
-  It exists because HF's Flax Llama has no gradient checkpointing; ``remat=True`` wraps
-  each decoder layer in ``nn.remat``. Returns logits in ``dtype``.
+  HF's init: every matrix N(0, ``std``), every norm weight 1; values in ``param_dtype``
+  (default ``dtype``: f32 masters for pretraining need ``param_dtype=jnp.float32``).
+  Built one leaf at a time on an abstract model, so no full-precision copy of the whole
+  model ever exists.
   """
+  param_dtype = param_dtype or dtype
+  lm = nnx.eval_shape(lambda: models.CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+  plan = {}
+  if method is not None:
+    plan = {p: lin for p, lin, _ in fnnx.meld_plan(lm, _matcher(targets), targets)}
+  variables = [(p, v) for p, v in nnx.iter_graph(lm) if isinstance(v, nnx.Param)]
+  for n, (path, var) in enumerate(variables):
+    k = jax.random.fold_in(key, n)
+    shape = tuple(var.get_value().shape)
+    if "/".join(map(str, path)).endswith("norm/weight"):
+      var.set_value(jnp.ones(shape, param_dtype))
+    elif path[-1] == "kernel" and path[:-1] in plan:
+      # Its own key for the state: a random A drawn with W's key would repeat W's numbers.
+      w = _normal(k, shape, std, param_dtype)
+      state = method.prepare_kernel(w, jax.random.fold_in(k, 1))
+      swap_in(lm, path[:-1], plan[path[:-1]], state)
+    else:
+      var.set_value(_normal(k, shape, std, param_dtype))
+  return models.split(lm)
 
-  config: Any
-  dtype: Any = jnp.bfloat16
-  remat: bool = True
 
-  def setup(self):
-    cfg = self.config
-    self.model = _Model(cfg, self.dtype, self.remat)
-    self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
-                            kernel_init=jax.nn.initializers.normal(cfg.initializer_range))
-
-  def __call__(self, input_ids):
-    return self.lm_head(self.model(input_ids))
-
-
-def llama_config(**overrides):
-  """A ``LlamaConfig`` (the [hf] extra): LLaMA-7B's shape by default."""
-  import transformers
-
-  base = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-              max_position_embeddings=2048, rms_norm_eps=1e-6, initializer_range=0.02)
-  base.update(overrides)
-  # transformers 4.57.6's Flax rotary table keeps only max_position_embeddings entries of
-  # its 2 * head_dim sin|cos axis, so a short max length would truncate it.
-  head_dim = base["hidden_size"] // base["num_attention_heads"]
-  base["max_position_embeddings"] = max(base["max_position_embeddings"], 2 * head_dim)
-  return transformers.LlamaConfig(**base)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key, shape, std, dtype):
+  return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
 def cast_floats(tree, dtype=jnp.bfloat16):
@@ -633,40 +605,50 @@ def cast_floats(tree, dtype=jnp.bfloat16):
       else x, tree, is_leaf=is_state)
 
 
+def lm_batch(tokens) -> dict:
+  """The :mod:`falqon_jax.train` batch of a (B, T) token array: every token valid, every
+  next-token target counted."""
+  return {"input_ids": tokens, "loss_mask": jnp.ones_like(tokens)}
+
+
 def next_token_loss(logits, tokens):
-  """Mean next-token cross-entropy in f32 over all positions but the last."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  """Mean next-token cross-entropy in f32 over all positions but the last (the loss
+  :func:`falqon_jax.train.make_train_step` minimizes on :func:`lm_batch`)."""
+  total, n = train.next_token_nll(logits, lm_batch(tokens))
+  return total / n
 
 
-def make_train_step(model: nn.Module, opt: Optimizer, loss_fn=next_token_loss,
+def make_train_step(model: models.Functional, opt: Optimizer, *, remat: bool = False,
                     donate: bool = True):
   """``step(params, opt_state, tokens, lr) -> (params, opt_state, loss)``, jitted with
   params and opt_state donated unless ``donate=False`` (donated, FALQON's merge writes
-  its rows in place).
+  its rows in place). ``remat`` recomputes each decoder layer in the backward pass.
 
-  Gradients are taken with respect to the trainable leaves only, so no method pays for
-  a gradient it throws away.
+  FALQON runs :func:`falqon_jax.train.make_train_step`. The baselines take gradients
+  with respect to their trainable leaves only, so none pays for a gradient it throws
+  away (FALQON's unused gradients are dead code that XLA drops).
   """
+  loss_sum = train.make_loss_fn(model, remat=remat)
 
   def step(params, opt_state, tokens, lr):
+    batch = lm_batch(tokens)
+    if opt.falqon:
+      state = train.TrainState(jnp.zeros([], jnp.int32), params, opt_state)
+      state, metrics = train.make_train_step(model, opt.tx(lr), remat=remat)(state, batch)
+      return state.params, state.opt_state, metrics["loss"]
+
     def loss_of(trainable):
-      with intercepted():
-        logits = model.apply({"params": with_trainable(params, trainable)}, tokens)
-      return loss_fn(logits, tokens)
+      total, n = loss_sum(with_trainable(params, trainable), batch)
+      return total / n
 
     loss, grads = jax.value_and_grad(loss_of)(trainable_tree(params))
-    params, opt_state = opt.step(params, grads, opt_state, lr)
+    params, opt_state = opt.update(params, grads, opt_state, lr)
     return params, opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def make_eval_loss(model: nn.Module, loss_fn=next_token_loss):
-  """``eval(params, tokens) -> loss``, jitted."""
-
-  def evaluate(params, tokens):
-    with intercepted():
-      return loss_fn(model.apply({"params": params}, tokens), tokens)
-
-  return jax.jit(evaluate)
+@functools.partial(jax.jit, static_argnums=0)
+def eval_loss(model: models.Functional, params, tokens):
+  """:func:`next_token_loss` of ``model`` (static) with ``params`` on ``tokens``."""
+  return next_token_loss(train.forward(model, params, lm_batch(tokens)), tokens)

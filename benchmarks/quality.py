@@ -1,7 +1,7 @@
 """Accuracy of every method on real text: pretrain a tiny Llama in bf16, fine-tune, compare.
 
-1. Pretrain a tiny Llama-style byte-level LM (HF Flax Llama layers, bf16 compute) on the
-   Shakespeare corpus minus a few held-out works.
+1. Pretrain a tiny Llama-style byte-level LM (``falqon_jax.models.CausalLM``, bf16
+   compute) on the Shakespeare corpus minus a few held-out works.
 2. Fine-tune it with each method on the first 80% of each held-out work: the same steps,
    batches and tokens for every method, with a small learning-rate sweep per method; the
    learning rate is chosen on the next 10% (validation).
@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import methods as M  # noqa: E402
+from falqon_jax import train  # noqa: E402
 from results_io import save_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,17 +107,18 @@ def eval_windows(data, seq, max_windows):
   return jnp.asarray(np.stack([data[s:s + seq] for s in starts]))
 
 
-def pretrain(model, data, steps, batch, seq, lr, seed, log):
-  """bf16-compute pretraining (f32 master params, AdamW, warmup + cosine)."""
-  params = model.init(jax.random.key(seed), jnp.zeros((1, seq), jnp.int32))["params"]
+def pretrain(cfg, data, steps, batch, seq, lr, seed, log):
+  """bf16-compute pretraining (f32 master params, AdamW, warmup + cosine); returns the
+  model (computing in bf16) and its frozen base params in bf16."""
+  model, params = M.build(cfg, jax.random.key(seed), param_dtype=jnp.float32)
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr / 10)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
   state = tx.init(params)
 
   @jax.jit
   def step(params, state, tokens):
-    loss, g = jax.value_and_grad(
-        lambda p: M.next_token_loss(model.apply({"params": p}, tokens), tokens))(params)
+    loss, g = jax.value_and_grad(lambda p: M.next_token_loss(
+        train.forward(model, M.cast_floats(p), M.lm_batch(tokens)), tokens))(params)
     updates, state = tx.update(g, state, params)
     return optax.apply_updates(params, updates), state, loss
 
@@ -124,7 +126,7 @@ def pretrain(model, data, steps, batch, seq, lr, seed, log):
     params, state, loss = step(params, state, batch_at(data, i, batch, seq, seed + 1))
     if (i + 1) % max(1, steps // 5) == 0:
       log(f"  pretrain step {i + 1}/{steps}: loss {float(loss):.3f}")
-  return M.cast_floats(params)  # the frozen base, in bf16
+  return model, M.cast_floats(params)  # the frozen base, in bf16
 
 
 def lr_grid(method, args):
@@ -138,28 +140,28 @@ def lr_grid(method, args):
   return grid["falqon" if keeps_small or args.quick else "falqon-ref"]
 
 
-def fine_tune(method, model, base, splits, args, evaluate, log):
+def fine_tune(method, base_model, base, splits, args, evaluate, log):
   """Every lr of the sweep with one compiled step; returns the row for this method."""
   key = jax.random.key(args.seed + 7)
-  params = method.prepare(base, key)
+  model, params = method.prepare(base_model, base, key)
   opt = method.optimizer(jax.random.key(args.seed + 11))
   state = opt.init(params)
   # No donation: memory does not matter here, and a donated run once invalidated a buffer
-  # of the next run on CPU (see the report in RESULTS.md).
+  # of the next run on CPU.
   step = M.make_train_step(model, opt, donate=False)
   tokens0 = batch_at(splits["train"], 0, args.batch, args.seq, args.seed + 2)
   compiled = step.lower(params, state, tokens0, jnp.float32(1e-3)).compile(
       M.FAST_COMPILE if args.quick else None)
-  start = evaluate(params, "test")
+  start = evaluate(model, params, "test")
   runs = []
   for lr in lr_grid(method, args):
     t0 = time.perf_counter()
-    params = method.prepare(base, key)
+    _, params = method.prepare(base_model, base, key)
     state = opt.init(params)
     for i in range(args.steps):
       tokens = batch_at(splits["train"], i, args.batch, args.seq, args.seed + 2)
       params, state, loss = compiled(params, state, tokens, jnp.float32(lr))
-    val, test = evaluate(params, "val"), evaluate(params, "test")
+    val, test = evaluate(model, params, "val"), evaluate(model, params, "test")
     finite = bool(np.isfinite(val))
     runs.append({"lr": lr, "val": val if finite else None, "test": test if finite else None,
                  "train_last": float(loss), "seconds": time.perf_counter() - t0})
@@ -227,18 +229,16 @@ def main(argv=None):
                        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.heads,
                        max_position_embeddings=args.seq)
-  model = M.LlamaLM(cfg, remat=False)
   t0 = time.perf_counter()
-  base = pretrain(M.LlamaLM(cfg, dtype=jnp.bfloat16, remat=False), pre, args.pretrain_steps,
-                  args.batch * 2, args.seq, args.pretrain_lr, args.seed, log)
+  model, base = pretrain(cfg, pre, args.pretrain_steps, args.batch * 2, args.seq,
+                         args.pretrain_lr, args.seed, log)
   log(f"  pretraining: {time.perf_counter() - t0:.0f} s")
-  eval_fn = M.make_eval_loss(model)
 
-  def evaluate(params, split):
-    return float(eval_fn(params, evalsets[split]))
+  def evaluate(model, params, split):
+    return float(M.eval_loss(model, params, evalsets[split]))
 
-  base_test = evaluate(base, "test")
-  base_val = evaluate(base, "val")
+  base_test = evaluate(model, base, "test")
+  base_val = evaluate(model, base, "val")
   log(f"base (bf16): val {base_val:.4f}, test {base_test:.4f}")
   rows = []
   for m in methods:

@@ -7,8 +7,9 @@ Two scopes, one table each (and one JSON with ``--json``):
   counts the two big GEMMs (y = xW and dx = gW^T, 4 N in out FLOPs) against the measured
   bf16 and FP8 GEMM peaks; "outside" is the share of the time not spent in those two
   GEMMs, measured alone at the same shape and precision.
-* model: one optimizer step of a LLaMA-shaped model (random init; HF Flax Llama layers,
-  remat per layer), 16 x 528 tokens, rank 64, all seven linears of every layer adapted.
+* model: one optimizer step of a LLaMA-shaped model (random init;
+  ``falqon_jax.models.CausalLM``, remat per layer), 16 x 528 tokens, rank 64, all seven
+  linears of every layer adapted.
   ``--layers 4,8`` measures two depths and extrapolates per layer to the full depth.
 * state: the persistent training state of the model scope at full depth (parameters,
   trainable copies and optimizer state), summed from shapes with ``jax.eval_shape``:
@@ -260,36 +261,8 @@ def gemm_pair_time(prec, n, din, dout, steps, warmup):
 # Model scope
 
 
-def build_params(method: M.Method, model, cfg, batch, seq, key):
-  """Random-init params with every linear already in the method's state, built one leaf
-  at a time so that no full-precision copy of the whole model ever exists."""
-  import re
-
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                             jnp.zeros((1, seq), jnp.int32)))["params"]
-  target = re.compile(M.LLAMA_TARGETS)
-  normal = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32)
-                                     * cfg.initializer_range).astype(jnp.bfloat16),
-                   static_argnums=1)
-  counter = iter(range(1 << 30))
-
-  def make(kpath, leaf):
-    path = "/".join(str(getattr(k, "key", k)) for k in kpath)
-    k = jax.random.fold_in(key, next(counter))
-    if path.endswith("norm/weight") or path.endswith("layernorm/weight"):
-      return jnp.ones(leaf.shape, jnp.bfloat16)
-    value = normal(k, tuple(leaf.shape))
-    if target.search(path):
-      state = method.prepare_kernel(value, k)
-      del value
-      return state
-    return value
-
-  return jax.tree_util.tree_map_with_path(make, shapes)
-
-
 def model_setup(spec, shape, layers, seq, rank):
-  """(method, LlamaLM, config) of a model-scope case."""
+  """(method, Llama config) of a model-scope case."""
   hidden, inter, _, heads = SHAPES[shape]
   vocab = 256 if shape == "smoke" else 32000
   method = M.make_method(spec, rank)
@@ -299,14 +272,13 @@ def model_setup(spec, shape, layers, seq, rank):
   cfg = M.llama_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                        num_hidden_layers=layers, num_attention_heads=heads,
                        num_key_value_heads=heads, max_position_embeddings=seq)
-  return method, M.LlamaLM(cfg, remat=True), cfg
+  return method, cfg
 
 
 def state_case(spec, shape, seq, rank):
   """Bytes of the persistent training state at full depth, from shapes alone."""
-  method, model, cfg = model_setup(spec, shape, SHAPES[shape][2], seq, rank)
-  params = jax.eval_shape(
-      lambda: build_params(method, model, cfg, 1, seq, jax.random.key(0)))
+  method, cfg = model_setup(spec, shape, SHAPES[shape][2], seq, rank)
+  params = jax.eval_shape(lambda: M.build(cfg, jax.random.key(0), method)[1])
   opt_state = jax.eval_shape(method.optimizer().init, params)
 
   def nbytes(tree):
@@ -317,22 +289,22 @@ def state_case(spec, shape, seq, rank):
       total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
     return total
 
-  return {"method": spec, "kind": method.kind, "shape": shape, "layers": cfg.num_hidden_layers,
+  return {"method": spec, "kind": method.kind, "shape": shape, "layers": cfg.num_layers,
           "params_gib": nbytes(params) / 2**30, "opt_state_gib": nbytes(opt_state) / 2**30,
           "trainable": M.count_trainable(params)}
 
 
 def model_case(spec, shape, layers, batch, seq, rank, steps, warmup, peaks, fast_compile=False):
-  method, model, cfg = model_setup(spec, shape, layers, seq, rank)
+  method, cfg = model_setup(spec, shape, layers, seq, rank)
   hidden, inter, _, _ = SHAPES[shape]
   vocab = cfg.vocab_size
-  params = build_params(method, model, cfg, batch, seq, jax.random.key(0))
+  model, params = M.build(cfg, jax.random.key(0), method)
   opt = method.optimizer()
   opt_state = opt.init(params)
   trainable = M.count_trainable(params)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, vocab)
   lr = jnp.float32(1e-4)
-  step = M.make_train_step(model, opt)
+  step = M.make_train_step(model, opt, remat=True)
   compiled = step.lower(params, opt_state, tokens, lr).compile(
       M.FAST_COMPILE if fast_compile else None)
   calls = fp8_calls(compiled)

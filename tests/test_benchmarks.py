@@ -1,5 +1,6 @@
-"""Tests for the benchmark harness: each method's layer against a float reference, which
-leaves train, and smoke runs of benchmarks/step_time.py and benchmarks/quality.py.
+"""Tests for the benchmark harness: each method's layer, and the falqon_jax.models.CausalLM
+running it on every projection, against a float reference; which leaves a train step
+changes; smoke runs of benchmarks/step_time.py and benchmarks/quality.py.
 
 The smoke runs are subprocesses (as CI would run the scripts) with XLA's CPU backend
 optimizations off: at these sizes compiling is most of the time, and it checks nothing.
@@ -7,6 +8,7 @@ The quality run gets a small made-up corpus in tmp_path, so it never needs ../sh
 """
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -16,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import falqon_jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -27,10 +31,10 @@ KINDS = M.METHODS
 IN, OUT, RANK, N = 128, 64, 16, 48  # NF4 needs in % 64 == 0
 
 
-def _state(kind, rng, random_b=True):
+def _state(kind, rng):
   w = jnp.asarray(rng.normal(0, 0.05, (IN, OUT)), jnp.float32)
   state = M.Method(kind, kind, rank=RANK, alpha=RANK).prepare_kernel(w, jax.random.key(0))
-  if random_b and kind != "falqon":  # B = 0 at init hides the branch; make it count
+  if kind != "falqon":  # B = 0 at init hides the branch; make it count
     state = dataclasses.replace(
         state, b=jnp.asarray(rng.normal(0, 0.05, (RANK, OUT)), jnp.float32))
   return w, state
@@ -97,32 +101,113 @@ def test_layer_gradients_close_to_float_and_only_trainable(kind, rng):
     assert _rel(dt[f], ref_dt[f]) < tol, f
 
 
+STATE_TYPES = {"bf16-lora": M.LoraKernel, "fp8-base-lora": M.Fp8BaseLoraKernel,
+               "fp8-all-lora": M.Fp8AllLoraKernel, "qlora-nf4": M.Nf4LoraKernel,
+               "falqon": falqon_jax.MeldedKernel}
+PROJECTIONS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
+               "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+
+
+def _tiny_cfg():
+  return M.llama_config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                        max_position_embeddings=16)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A random-init one-layer Llama computing in bf16: (config, model, params)."""
+  cfg = _tiny_cfg()
+  model, params = M.build(cfg, jax.random.key(0))
+  return cfg, model, params
+
+
+TOKENS = np.random.default_rng(0).integers(0, 256, (2, 8)).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=M.FAST_COMPILE)
+def _logits(model, params):
+  return model.apply(params, TOKENS)
+
+
+def _projections(params):
+  layer = params["layers"][0]
+  return {p: layer[p.split("/")[0]][p.split("/")[1]]["kernel"] for p in PROJECTIONS}
+
+
+def _leaves(tree):
+  return dict(jax.tree_util.tree_flatten_with_path(tree, is_leaf=M.is_state)[0])
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_optimizer_step_changes_only_trainable_leaves(kind, rng):
-  _, state = _state(kind, rng, random_b=False)
-  params = {"layer": {"kernel": state}, "norm": jnp.ones((IN,), jnp.bfloat16)}
-  frozen_before = jax.tree_util.tree_map(np.asarray, params)
+def test_prepared_model_runs_the_method_on_every_projection(kind, rng, tiny):
+  cfg, model, base = tiny
+  method = M.Method(kind, kind, rank=RANK, alpha=RANK)
+  pmodel, params = method.prepare(model, base, jax.random.key(2))
+  states = _projections(params)
+  assert all(type(s) is STATE_TYPES[kind] for s in states.values()), states
+  base_leaves = _leaves(base)
+  for path, leaf in _leaves(params).items():
+    if not M.is_state(leaf):  # embeddings, norms, LM head: the base's, copied
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(base_leaves[path]))
+  # build() makes the same graph: the state scope sizes the model the other scopes train.
+  bmodel, bparams = M.build(cfg, jax.random.key(0), method)
+  assert bmodel == pmodel
+  assert jax.tree_util.tree_structure(bparams) == jax.tree_util.tree_structure(params)
+
+  if kind != "falqon":  # B = 0 at init hides the branch; make it count
+    params = jax.tree_util.tree_map(
+        lambda s: dataclasses.replace(s, b=jnp.asarray(rng.normal(0, 0.05, s.b.shape),
+                                                        jnp.float32)) if M.is_state(s) else s,
+        params, is_leaf=M.is_state)
+  # The float model: every projection's kernel is W (+ s A B), f32 throughout. FALQON's
+  # forward is x W alone (B only reaches W through merges).
+  ref_model, _ = M.build(cfg, jax.random.key(0), dtype=jnp.float32)
+  eff = lambda s, w: (w.astype(jnp.float32) if not M.is_state(s) or kind == "falqon"
+                      else _float_forward(kind, w.astype(jnp.float32), s, jnp.eye(w.shape[0])))
+  ref = jax.tree_util.tree_map(eff, params, base, is_leaf=M.is_state)
+  got, want = _logits(pmodel, params), _logits(ref_model, ref)
+  # One decoder layer over an exact embedding: the logits stay within the per-layer bound.
+  # Without the LoRA branch they would be about 0.5 off.
+  assert got.dtype == jnp.float32 and _rel(got, want) < FWD_TOL[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_steps_change_only_trainable_leaves(kind, tiny):
+  _, model, base = tiny
   method = M.Method(kind, kind, rank=RANK)
+  pmodel, params = method.prepare(model, base, jax.random.key(2))
+  # Host copies of device copies: a numpy view of a CPU buffer would block its donation.
+  before = _leaves(jax.tree_util.tree_map(lambda x: np.asarray(jnp.copy(x)), params))
   opt = method.optimizer()
   opt_state = opt.init(params)
-  grads = jax.tree_util.tree_map(jnp.ones_like, M.trainable_tree(params))
-  new, _ = jax.jit(opt.step)(params, grads, opt_state, jnp.float32(0.1))
-  old_s, new_s = frozen_before["layer"]["kernel"], new["layer"]["kernel"]
-  np.testing.assert_array_equal(new["norm"], frozen_before["norm"])
-  for f in dataclasses.fields(new_s):
-    if f.metadata.get("static"):
+  lr = jnp.float32(0.1)
+  step = M.make_train_step(pmodel, opt, remat=True).lower(params, opt_state, TOKENS, lr)
+  step = step.compile(M.FAST_COMPILE)
+  for _ in range(2):  # LoRA's A gets a gradient once B is nonzero, from the second step
+    params, opt_state, loss = step(params, opt_state, TOKENS, lr)
+  assert np.isfinite(float(loss))
+  # The steps donated the prepared copy, never the base.
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(base))
+  for path, new in _leaves(params).items():
+    old = before[path]
+    if not M.is_state(new):
+      np.testing.assert_array_equal(np.asarray(new), old)
       continue
-    before, after = np.asarray(getattr(old_s, f.name)), np.asarray(getattr(new_s, f.name))
-    if kind == "falqon" and f.name == "qweight":  # the merge rewrites at most k rows
-      changed = np.any(before.view(np.uint8) != after.view(np.uint8), axis=1)
-      assert 0 < changed.sum() <= RANK and not changed[OUT:].any()
-    elif kind == "falqon" and f.name == "delta":
-      np.testing.assert_array_equal(after, 0)  # reset="all"
-    elif f.name in M.trainable_fields(old_s):
-      assert not np.array_equal(before, after), f.name
-    else:
-      np.testing.assert_array_equal(before.reshape(-1).view(np.uint8),
-                                    after.reshape(-1).view(np.uint8), f.name)
+    for f in dataclasses.fields(new):
+      if f.metadata.get("static"):
+        continue
+      a, b = getattr(old, f.name), np.asarray(getattr(new, f.name))
+      if kind == "falqon" and f.name == "qweight":  # each merge rewrites at most k rows
+        changed = np.any(a.view(np.uint8) != b.view(np.uint8), axis=1)
+        assert 0 < changed.sum() <= 2 * RANK and not changed[new.out_features:].any()
+      elif kind == "falqon" and f.name == "delta":
+        np.testing.assert_array_equal(b, 0)  # reset="all"
+      elif f.name in M.trainable_fields(new):
+        assert not np.array_equal(a, b), (path, f.name)
+      else:
+        np.testing.assert_array_equal(a.reshape(-1).view(np.uint8),
+                                      b.reshape(-1).view(np.uint8), f"{path} {f.name}")
 
 
 def test_nf4_round_trip_and_packing():
@@ -132,19 +217,6 @@ def test_nf4_round_trip_and_packing():
   assert codes.shape == (2, 64) and codes.dtype == jnp.uint8 and absmax.shape == (2, 2)
   np.testing.assert_array_equal(M.nf4_dequantize(codes, absmax, jnp.float32), w)
   assert int(codes[0, 0]) == 0x01  # codes 0 and 1 share the first byte, high nibble first
-
-
-def test_model_tree_is_hf_flax_llama_tree():
-  import falqon_jax.hf as fh
-
-  cfg = M.llama_config(vocab_size=256, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=16)
-  ours = jax.eval_shape(lambda: M.LlamaLM(cfg).init(jax.random.key(0),
-                                                     jnp.zeros((1, 16), jnp.int32)))
-  hf = jax.eval_shape(lambda: fh.build_model(cfg).init_weights(jax.random.key(0), (1, 16)))
-  assert (jax.tree_util.tree_map(lambda s: s.shape, ours["params"])
-          == jax.tree_util.tree_map(lambda s: s.shape, hf))
 
 
 def test_method_specs():

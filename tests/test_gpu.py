@@ -79,14 +79,14 @@ def test_melded_linear_is_three_cublaslt_fp8_gemms_matching_the_cpu(rng, scaling
 
 
 def test_train_step_keeps_every_gemm_fp8_and_learns():
-  pytest.importorskip("transformers")
   import optax
-  import falqon_jax.hf as fh
-  from falqon_jax import train
+  from flax import nnx
+  from falqon_jax import models, train
+  from falqon_jax import nnx as fnnx
 
-  model = fh.build_model(fh.tiny_config("llama"))
-  params = model.init_weights(jax.random.key(0), (1, 8))
-  params, report = fh.meld_params(model, params, rank=16)
+  lm = models.CausalLM(models.tiny_config("llama"), rngs=nnx.Rngs(0))
+  report = fnnx.meld(lm, rank=16)
+  model, params = models.split(lm)
   tx = falqon_jax.proxy_update(optax.adam(3e-2))
   state = train.TrainState.create(params, tx)
   batch = train.example_batch(jax.random.key(1), batch_size=4, seq_len=32, vocab=256)
