@@ -124,16 +124,27 @@ def read_json(path: str) -> dict:
 
 
 def weight_files(folder: str) -> list[str]:
-  """The safetensors shards of a checkpoint folder (from the index file when there is one;
-  else every ``*.safetensors``, possibly none)."""
+  """The safetensors shards of a checkpoint folder: those its index file lists, else
+  ``model.safetensors`` (as transformers reads it: a Hub folder may also hold other files,
+  such as Mistral's ``consolidated.safetensors``), else the one ``*.safetensors`` there is;
+  possibly none."""
   index = os.path.join(folder, INDEX)
   if not os.path.isfile(index):
-    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+      return [single]
+    found = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if len(found) > 1:
+      raise UserInputError(
+          f"{folder}: {len(found)} *.safetensors files but no model.safetensors or {INDEX};"
+          " add the index file that says which to read")
+    return found
   weight_map = read_json(index).get("weight_map")
   if not isinstance(weight_map, dict) or not weight_map:
     raise UserInputError(f"{index}: no weight_map; regenerate the index file")
   files = sorted(set(weight_map.values()))
   for name in files:
     if not os.path.isfile(os.path.join(folder, name)):
-      raise FileNotFoundError(f"{index} lists shard {name!r}, which is missing")
+      raise FileNotFoundError(f"{index} lists shard {name!r}, which is missing; download it"
+                              " again or regenerate the index")
   return [os.path.join(folder, name) for name in files]

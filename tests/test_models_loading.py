@@ -229,3 +229,27 @@ def test_flax_msgpack_folder_is_one_line_error(tmp_path):
   (tmp_path / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))
   _one_line_error(lambda: models.load(str(tmp_path)), "no *.safetensors weights",
                   "save the model with safetensors")
+
+
+@needs_fixtures
+def test_block_fp8_and_other_quantized_checkpoints_are_refused(tmp_path):
+  """Hub FP8 checkpoints with 128x128 blocks (weight_scale_inv per block) and other
+  quantization methods would load wrong or fail on an odd tensor name: refused up front."""
+  src = FIXTURES / "llama3"
+  for name, quant in (("block", {"quant_method": "fp8", "weight_block_size": [128, 128]}),
+                      ("awq", {"quant_method": "awq", "bits": 4})):
+    folder = tmp_path / name
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    _one_line_error(lambda: models.load(str(folder)), "is not supported")
+
+
+@needs_fixtures
+def test_stray_safetensors_beside_model_safetensors_are_not_read(tmp_path):
+  folder = tmp_path / "llama3"
+  shutil.copytree(FIXTURES / "llama3", folder)
+  st.save_file({"junk": np.ones((2, 2), np.float32)}, str(folder / "consolidated.safetensors"))
+  models.load(str(folder))  # transformers reads model.safetensors only; so do we
+  (folder / "model.safetensors").rename(folder / "other.safetensors")
+  _one_line_error(lambda: models.load(str(folder)), "add the index file")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import NamedTuple, Optional
 
@@ -36,7 +37,11 @@ def read_config(folder: str) -> ModelConfig:
 def _weight_files(folder: str) -> list[str]:
   files = st.weight_files(folder)
   if not files:
-    raise UserInputError(f"{folder}: no *.safetensors weights; save the model with safetensors")
+    other = [f for f in ("flax_model.msgpack", "pytorch_model.bin", "model.pt", "tf_model.h5")
+             if os.path.isfile(os.path.join(folder, f))]
+    found = f" (found {other[0]}, which is not read)" if other else ""
+    raise UserInputError(f"{folder}: no *.safetensors weights{found}; save the model with"
+                         " safetensors (save_pretrained does by default)")
   return files
 
 
@@ -118,7 +123,13 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=
   """
   cfg = read_config(folder)
   hf = cfg.to_hf()
-  fp8 = (hf.get("quantization_config") or {}).get("quant_method") == "fp8"
+  quant = hf.get("quantization_config") or {}
+  fp8 = quant.get("quant_method") == "fp8"
+  if quant and (not fp8 or quant.get("weight_block_size")):
+    raise UserInputError(
+        f"{folder}: quantization_config {json.dumps(quant, sort_keys=True)[:120]} is not"
+        " supported; load the unquantized (bf16) checkpoint, or a per-tensor FP8 export"
+        " (falqon_jax.export.save_fp8)")
   model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, attention=attention,
                                           rngs=nnx.Rngs(0)))
   match = None if targets is None else _matcher(targets)
