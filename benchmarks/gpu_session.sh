@@ -16,7 +16,7 @@
 #           the reference and the CLI default, each with its lr sweep            ~6
 #
 # Call the device tool with, e.g., command: bash benchmarks/gpu_session.sh check layer
-# Wheels the GPU image lacks go in .whl/ (git-ignored; carry=[".whl"]): installed first.
+# Wheels the GPU image lacks, if any, go in .whl/ (git-ignored; carry=[".whl"]): installed first.
 # The quality stage reads the corpus from $FALQON_CORPUS (default .corpus/, git-ignored):
 # `cp -r ../shared/data/shakespeare .corpus` here and add ".corpus" to carry.
 # Results land in $OUT (the device tool's return folder; default /tmp/falqon_gpu): one
@@ -92,7 +92,7 @@ for stage in "$@"; do
     check)
       XLA_PYTHON_CLIENT_PREALLOCATE=false step tests python3 -m pytest -q -ra \
         -p no:cacheprovider tests/test_gpu.py tests/kernels tests/test_melded_dense.py \
-        tests/test_merge.py tests/test_proxy_update.py tests/test_linen.py
+        tests/test_merge.py tests/test_proxy_update.py tests/test_nnx.py tests/test_models.py
       step kernels python3 benchmarks/kernels.py --json "$OUT/kernels.json"
       step merge_cost python3 benchmarks/merge_cost.py
       ;;

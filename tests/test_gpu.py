@@ -163,3 +163,25 @@ def test_xla_merge_scatters_in_place():
   new = compiled(mk)
   assert new.qweight.unsafe_buffer_pointer() == pointer  # the very same device buffer
   assert ((_bits(new.qweight) != before).any(axis=1)).sum() <= 64
+
+
+def test_cudnn_attention_is_flash_attention_matching_xla():
+  # attention="cudnn" reaches cuDNN's fused attention (a custom call in the HLO) and gives
+  # XLA's logits up to bf16 rounding (bf16 logits: 2^-8 relative, summed over a few layers).
+  from flax import nnx
+  from falqon_jax import models
+
+  cfg = models.tiny_config("mistral", sliding_window=8, max_position_embeddings=64)
+  ids = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
+  mask = jnp.ones((2, 32), jnp.int32).at[1, 20:].set(0)
+  out = {}
+  for impl in ("xla", "cudnn"):
+    model, params = models.split(models.CausalLM(cfg, dtype=jnp.bfloat16, attention=impl,
+                                                 rngs=nnx.Rngs(0)))
+    fn = jax.jit(model.apply)
+    if impl == "cudnn":
+      assert "cudnn$fmha" in fn.lower(params, ids, mask).compile().as_text()
+    out[impl] = np.asarray(fn(params, ids, mask), np.float32)
+  scale = np.abs(out["xla"]).max()
+  np.testing.assert_allclose(out["cudnn"][0], out["xla"][0], atol=3e-2 * scale)
+  np.testing.assert_allclose(out["cudnn"][1, :20], out["xla"][1, :20], atol=3e-2 * scale)
