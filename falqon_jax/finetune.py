@@ -100,7 +100,12 @@ def builtin_base(tokenizer, config: FinetuneConfig, folder: str) -> str:
   start = time.perf_counter()
   for _ in range(config.base_steps):
     params, opt_state, loss = step(params, opt_state, _device_batch(next(batches)))
-  export.save_bf16(path, model, params, dtype=None)  # float32, written atomically
+  try:
+    export.save_bf16(path, model, params, dtype=None)  # float32, written atomically
+  except FileExistsError:
+    # Another process of a multi-host run on a shared disk wrote the same base first.
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      raise
   _log(f"built-in base: {config.base_steps} full-parameter steps on {BUILTIN_BASE_KINDS},"
        f" loss {float(loss):.3f} ({time.perf_counter() - start:.0f} s); cached at {path}")
   return path
