@@ -505,3 +505,17 @@ def test_untied_gpt2_head_is_a_torch_linear():
   cfg = _tiny("gpt2", tie_word_embeddings=False, max_position_embeddings=32)
   assert models.hf_name(cfg, ("lm_head", "kernel")) == ("lm_head.weight", True)
   assert models.hf_name(cfg, ("layers", 0, "mlp", "c_fc", "kernel")) == ("h.0.mlp.c_fc.weight", False)
+
+
+def test_projections_sharing_an_input_quantize_it_once():
+  # q/k/v (and gate/up) read the same x: XLA's CSE leaves one amax pass and one FP8 cast
+  # for them.
+  cfg = _tiny("llama", layers=2, hidden=64)
+  model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  fnnx.meld(model, rank=16)
+  fmodel, params = models.split(model)
+  ids = jnp.zeros((2, 16), jnp.int32)
+  text = jax.jit(fmodel.apply).lower(params, ids).compile().as_text()
+  # One per-tensor amax (a reduce to an f32 scalar) per distinct input: the attention
+  # input, o_proj's, the MLP input and down_proj's. Seven would mean no sharing.
+  assert len(re.findall(r"= f32\[\] reduce\(", text)) == 4 * cfg.num_layers
