@@ -1,6 +1,6 @@
 """``falqon-jax``: fine-tune, evaluate, generate and export from the command line.
 
-  falqon-jax finetune                      # the built-in default, ~3 min on 2 CPU cores
+  falqon-jax finetune                      # the built-in default, ~2 min on 2 CPU cores
   falqon-jax finetune --config run.yaml --lr 1e-3
   falqon-jax eval RUN_OR_HF_FOLDER --perplexity text.txt --mmlu mmlu/ --builtin
   falqon-jax generate RUN_OR_HF_FOLDER "last abc:"

@@ -1,8 +1,12 @@
 """Flax NNX causal LMs that load HF checkpoints: Llama, Mistral, Qwen 2/3, Gemma 1/2/3, GPT-2.
 
-``load(folder)`` reads a local HF folder (config.json and safetensors, single-file or
-sharded) into a :class:`CausalLM`, with neither torch nor transformers' model classes;
+``load(folder, rank=None)`` reads a local HF folder (config.json and safetensors,
+single-file or sharded) into a :class:`CausalLM`, with neither torch nor transformers'
+model classes, melding each projection as it is read when ``rank`` is given;
 ``model(input_ids, attention_mask=None, positions=None)`` gives float32 logits.
+``split(model)`` turns it into a hashable :class:`Functional` and a params tree (melded
+layers as ``MeldedKernel`` leaves): what ``falqon_jax.train``, ``falqon_jax.eval``,
+``falqon_jax.export`` and checkpoints take.
 
 One decoder serves every family: :class:`ModelConfig`, parsed from config.json in
 transformers 5's style (``rope_parameters``) or the Hub's 4.x style (``rope_theta``,
@@ -18,8 +22,9 @@ only its output, named :data:`LAYER_OUTPUT` (the name ``falqon_jax.train``'s rem
 saves too). Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``,
 ``kv_heads``, ``mlp``) as ``out_sharding`` metadata, kept by ``load``; under
 ``nnx.logical_axis_rules`` they give ``nnx.get_partition_spec`` / ``nnx.get_named_sharding``
-for an FSDP or tensor-parallel mesh. ``falqon_jax.nnx.meld`` does not carry them over to
-the FP8 weights and deltas it makes, so those stay replicated.
+for an FSDP or tensor-parallel mesh; after :func:`falqon_jax.nnx.meld`, use
+``falqon_jax.nnx.get_partition_spec``, which shards each melded kernel's FP8 rows and delta
+as the kernel it replaced.
 
 Why a compact decoder rather than a maintained package's models: google-tunix (0.1.7,
 the NNX model zoo closest to this need) has no Mistral, Gemma 2 or GPT-2 model, ignores
