@@ -115,7 +115,7 @@ def _is_damage(e: BaseException) -> bool:
 
 
 def _drop_orbax_leftovers() -> None:
-  """Silences what a failed orbax restore leaves behind, once damage has been reported.
+  """Silences what a failed orbax restore leaves behind (the damage itself is reported).
 
   When one array read fails, orbax abandons the reads still in flight: their tensorstore
   callbacks later hit a closed event loop, and their coroutines complain when collected.
@@ -251,13 +251,14 @@ class Checkpointer:
     if not steps:
       raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
     damaged = []
+    # Before the reads: a failing read's leftovers can surface while it still unwinds.
+    _drop_orbax_leftovers()
     for s in steps:
       try:
         state, data = self._restore_step(template, s)
       except Exception as e:
         if not _is_damage(e):
           raise
-        _drop_orbax_leftovers()
         damaged.append((s, e))
         continue
       if damaged:
