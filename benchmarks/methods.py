@@ -25,9 +25,9 @@ function of a params tree in which each state is one leaf:
 * ``qlora-nf4``: NF4 backbone (block 64, one f32 absmax per block, no double
   quantization) dequantized to bf16 before each GEMM, forward and backward (recomputed,
   never saved, as bitsandbytes does), plus a bf16 LoRA branch.
-* ``falqon``: ``falqon_jax.meld`` + ``falqon_jax.proxy_update``; the options of
-  ``proxy_update`` (``reset``, ``rounding``, ``top_k``, ``warmup_steps``) and of the meld
-  (``scaling``, ``init``) select the variant.
+* ``falqon``: ``falqon_jax.meld`` + ``falqon_jax.proxy_update`` with
+  ``falqon_jax.REFERENCE`` (the official code's semantics); fields of
+  ``falqon_jax.FalqonOptions`` (:data:`FALQON_SPEC_OPTIONS`) select the variant.
 
 Each :class:`Method` also builds its optimizer. All of them use the same inner optimizer
 (clip the global norm at 3.0, Adam (0.9, 0.999), constant learning rate, no weight decay,
@@ -414,8 +414,7 @@ class Method:
     kind: one of :data:`METHODS`.
     rank: LoRA rank.
     alpha: LoRA alpha; the LoRA branch is scaled by ``alpha / rank`` (FALQON has none).
-    falqon: ``proxy_update`` options (``reset``, ``rounding``, ``top_k``,
-      ``warmup_steps``) plus ``scaling`` and ``init`` for the meld.
+    falqon: overrides of ``falqon_jax.REFERENCE`` (:data:`FALQON_SPEC_OPTIONS`).
   """
 
   name: str
@@ -433,6 +432,11 @@ class Method:
   def options(self) -> dict:
     return dict(self.falqon)
 
+  @property
+  def falqon_options(self) -> falqon_jax.FalqonOptions:
+    """``falqon_jax.REFERENCE`` at this rank with this method's overrides."""
+    return falqon_jax.REFERENCE.replace(rank=self.rank, **self.options)
+
   def prepare_kernel(self, kernel: jax.Array, key: jax.Array):
     """The kernel state for one Flax ``(in, out)`` kernel.
 
@@ -440,11 +444,7 @@ class Method:
     bf16 W's quantization error is taken in bf16, as in the reference)."""
     in_f, out_f = kernel.shape
     if self.kind == "falqon":
-      opts = self.options
-      init = opts.get("init", "svd")
-      return falqon_jax.meld_kernel(kernel, self.rank, init=init,
-                                    key=key if init == "random" else None,
-                                    scaling=opts.get("scaling", "tensor"))
+      return falqon_jax.meld_kernel(kernel, options=self.falqon_options, key=key)
     if self.kind == "lora-fa":  # FALQON's A and update unit, in exact arithmetic
       mk = falqon_jax.meld_kernel(kernel, self.rank)
       a = mk.lora_a(jnp.float32).T  # merging delta adds delta @ A (dequantized) to W
@@ -475,10 +475,7 @@ class Method:
     """
     lm = model.merge(params)
     if self.kind == "falqon":
-      opts = self.options
-      init = opts.get("init", "svd")
-      fnnx.meld(lm, self.rank, targets=targets, init=init,
-                key=key if init == "random" else None, scaling=opts.get("scaling", "tensor"))
+      fnnx.meld(lm, options=self.falqon_options, targets=targets, key=key)
     else:
       for path, linear, index in fnnx.meld_plan(lm, _matcher(targets), targets):
         state = self.prepare_kernel(linear.kernel[...], jax.random.fold_in(key, index))
@@ -490,10 +487,9 @@ class Method:
     """The optimizer for this method's prepared params (``key``: stochastic rounding's)."""
     if self.kind != "falqon":
       return Optimizer(inner_optimizer, falqon=False)
-    opts = {k: v for k, v in self.options.items() if k not in ("scaling", "init")}
-    if opts.get("rounding") == "stochastic":
-      opts["key"] = jax.random.key(0) if key is None else key
-    return Optimizer(lambda lr: falqon_jax.proxy_update(inner_optimizer(lr), **opts),
+    options = self.falqon_options
+    key = key if options.rounding == "stochastic" else None  # default: key(options.seed)
+    return Optimizer(lambda lr: falqon_jax.proxy_update(inner_optimizer(lr), options, key=key),
                      falqon=True)
 
 
@@ -528,9 +524,14 @@ class Optimizer:
     return with_trainable(params, optax.apply_updates(t, updates)), state
 
 
+FALQON_SPEC_OPTIONS = ("init", "scaling", "top_k", "topk_warmup_steps", "reset", "rounding",
+                       "implementation")
+"""The ``falqon_jax.FalqonOptions`` fields a spec may set (rank and seed come from the run)."""
+
+
 def make_method(spec: str, rank: int, alpha: float = 16.0) -> Method:
   """A method from a spec: a kind, optionally with falqon options in brackets, e.g.
-  ``falqon[reset=merged,rounding=stochastic]`` or ``falqon[top_k=4,warmup_steps=10]``."""
+  ``falqon[reset=merged,rounding=stochastic]`` or ``falqon[top_k=4,topk_warmup_steps=10]``."""
   m = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", spec.strip())
   if not m:
     raise ValueError(f"bad method spec {spec!r}; e.g. falqon[reset=merged,rounding=stochastic]")
@@ -541,9 +542,10 @@ def make_method(spec: str, rank: int, alpha: float = 16.0) -> Method:
       raise ValueError(f"only falqon takes options, got {spec!r}")
     for item in opts.split(","):
       k, _, v = item.partition("=")
-      if k not in ("reset", "rounding", "top_k", "warmup_steps", "scaling", "init") or not v:
-        raise ValueError(f"bad falqon option {item!r} in {spec!r}")
-      options[k] = int(v) if k == "warmup_steps" or (k == "top_k" and v != "all") else v
+      if k not in FALQON_SPEC_OPTIONS or not v:
+        raise ValueError(f"bad falqon option {item!r} in {spec!r}; options: {FALQON_SPEC_OPTIONS}")
+      options[k] = int(v) if k == "topk_warmup_steps" or (k == "top_k" and v != "all") else v
+    falqon_jax.REFERENCE.replace(**options)  # checks the values: a one-line error
   return Method(spec.strip(), kind, rank, alpha, tuple(sorted(options.items())))
 
 

@@ -76,7 +76,7 @@ def run(steps=300, width=256, rank=16, batch=256, lr=2e-3, seed=0, log_every=100
   params, report = falqon_jax.meld(teacher_a, rank=rank)
   say(str(report).splitlines()[0])
   tx = falqon_jax.proxy_update(
-      optax.chain(optax.clip_by_global_norm(3.0), optax.adam(lr)), **proxy_options)
+      optax.chain(optax.clip_by_global_norm(3.0), optax.adam(lr)), falqon_jax.REFERENCE, **proxy_options)
   state = tx.init(params)
 
   def loss_fn(params, x, y):

@@ -4,14 +4,15 @@ The public API is re-exported here; the implementation lives in private modules.
 
 >>> import jax, optax, falqon_jax
 >>> params = {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (64, 128))}}
->>> params, report = falqon_jax.meld(params, rank=16)
->>> tx = falqon_jax.proxy_update(optax.adam(2e-3))
+>>> params, report = falqon_jax.meld(params, rank=16)   # options=falqon_jax.RECOMMENDED
+>>> tx = falqon_jax.proxy_update(optax.adam(2e-3))     # options=falqon_jax.REFERENCE: the paper's code
 """
 
 from falqon_jax import fp8
 from falqon_jax._meld import DEFAULT_EXCLUDE, MeldedLayer, MeldReport, SkippedLeaf, meld, unmeld
 from falqon_jax._melded_dense import dense, melded_dense
-from falqon_jax._melded_kernel import MeldedKernel, meld_kernel
+from falqon_jax._melded_kernel import MeldedKernel, is_melded, meld_kernel
+from falqon_jax._options import RECOMMENDED, REFERENCE, FalqonOptions
 from falqon_jax._merge import merge_top_k, rounding_residual, select_rows
 from falqon_jax._proxy_update import (
     MeldedUpdate,
@@ -26,6 +27,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fp8",
+    "FalqonOptions",
+    "RECOMMENDED",
+    "REFERENCE",
+    "is_melded",
     "MeldedKernel",
     "MeldedUpdate",
     "MeldReport",

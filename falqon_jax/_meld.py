@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from falqon_jax._melded_kernel import (
-    Init,
     MeldedKernel,
-    Scaling,
     check_kernel,
     check_rank,
+    is_melded,
     meld_kernel,
 )
+from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
 from falqon_jax.errors import UserInputError
 
 Targets = Union[None, str, "re.Pattern[str]", Callable[[str, Any], bool]]
@@ -118,14 +118,16 @@ def _matcher(targets: Targets) -> Callable[[str, Any], bool]:
   )
 
 
-def meld_leaf(path: str, leaf, index: int, rank: int, match=None, *, init: Init = "svd",
-              key: Optional[jax.Array] = None, scaling: Scaling = "tensor"):
+def meld_leaf(path: str, leaf, index: int, options: FalqonOptions, match=None, *,
+              key: Optional[jax.Array] = None):
   """Melds one leaf as :func:`meld` does at flat ``index``: ``(new leaf, report entry)``.
 
-  ``match`` is the targets' matcher (None: the default targets); the entry is a
-  :class:`MeldedLayer`, a :class:`SkippedLeaf`, or None for a leaf explicit targets
-  leave out. Loaders call it per tensor, so a model melds while it loads, with the same
-  per-layer keys as melding the loaded tree.
+  ``options`` are checked :class:`~falqon_jax.FalqonOptions`; ``key`` (default
+  ``jax.random.key(options.seed)``) gets ``index`` folded in. ``match`` is the targets'
+  matcher (None: the default targets); the entry is a :class:`MeldedLayer`, a
+  :class:`SkippedLeaf`, or None for a leaf explicit targets leave out. Loaders call it per
+  tensor, so a model melds while it loads, with the same per-layer keys as melding the
+  loaded tree.
   """
   shape = tuple(getattr(leaf, "shape", ()))
   if isinstance(leaf, MeldedKernel):
@@ -143,33 +145,36 @@ def meld_leaf(path: str, leaf, index: int, rank: int, match=None, *, init: Init 
     reason = _default_reason(path, leaf)
     if reason is not None:
       return leaf, SkippedLeaf(path, shape, reason)
-  rank = check_rank(rank, shape[0], shape[1], f"kernel {path!r}")  # a Python int
-  layer_key = None if key is None else jax.random.fold_in(key, index)
-  new = meld_kernel(leaf, rank, init=init, key=layer_key, scaling=scaling, name=path)
+  rank = check_rank(options.rank, shape[0], shape[1], f"kernel {path!r}")  # a Python int
+  key = jax.random.key(options.seed) if key is None else key
+  new = meld_kernel(leaf, options=options, key=jax.random.fold_in(key, index), name=path)
   return new, MeldedLayer(path, shape, rank)
 
 
 def meld(
     params,
-    rank: int = 64,
+    rank: Optional[int] = None,
     *,
+    options: FalqonOptions = RECOMMENDED,
     targets: Targets = None,
-    init: Init = "svd",
     key: Optional[jax.Array] = None,
-    scaling: Scaling = "tensor",
+    **overrides,
 ):
   """Replaces the targeted dense kernels of a params tree by :class:`MeldedKernel` s.
 
   Args:
     params: a Flax params tree (nested dicts / FrozenDicts of arrays).
-    rank: the LoRA rank r.
+    rank: the LoRA rank r; None: ``options.rank``.
+    options: a :class:`~falqon_jax.FalqonOptions`; the default
+      :data:`~falqon_jax.RECOMMENDED` and :data:`~falqon_jax.REFERENCE` both meld with
+      the SVD init and a per-tensor scale. Its ``rank``, ``init``, ``scaling`` and
+      ``seed`` apply here; keyword ``overrides`` (``init="random"``) replace its fields.
     targets: ``None`` (default) melds every 2-D ``kernel`` leaf whose dims are multiples
       of 16, except embeddings and the LM head. A regex is searched in the slash-joined
       param path (``"model/layers/0/self_attn/q_proj/kernel"``); a predicate gets
       ``(path, leaf)``. Explicitly targeted leaves must be valid kernels, or meld raises.
-    init: ``"svd"`` (the reference) or ``"random"`` (needs ``key``).
-    key: PRNG key for ``init="random"``; each layer folds in its own index.
-    scaling: ``"tensor"`` (the reference) or ``"row"``.
+    key: PRNG key for ``init="random"`` (default ``jax.random.key(options.seed)``);
+      each layer folds in its own index.
 
   Returns:
     ``(melded_params, report)``, where ``report`` is a :class:`MeldReport`.
@@ -182,17 +187,17 @@ def meld(
     >>> type(melded["dense"]["kernel"]).__name__, report.num_trainable
     ('MeldedKernel', 1024)
   """
+  if rank is not None:
+    overrides["rank"] = rank
+  options = resolve(options, overrides)
   explicit = targets is not None
   match = _matcher(targets) if explicit else None
-  if init == "random" and key is None:
-    raise UserInputError('init="random" needs key=jax.random.key(...)')
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=lambda x: isinstance(x, MeldedKernel)
   )
   new_leaves, melded, skipped = [], [], []
   for index, (kpath, leaf) in enumerate(leaves):
-    new, entry = meld_leaf(path_str(kpath), leaf, index, rank, match, init=init, key=key,
-                           scaling=scaling)
+    new, entry = meld_leaf(path_str(kpath), leaf, index, options, match, key=key)
     new_leaves.append(new)
     if isinstance(entry, MeldedLayer):
       melded.append(entry)
@@ -205,10 +210,6 @@ def meld(
     )
   report = MeldReport(tuple(melded), tuple(skipped))
   return jax.tree_util.tree_unflatten(treedef, new_leaves), report
-
-
-def is_melded(x) -> bool:
-  return isinstance(x, MeldedKernel)
 
 
 def unmeld(params, dtype=jnp.float32):

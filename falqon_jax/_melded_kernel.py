@@ -6,20 +6,15 @@ Spec: falqon-reference.md sections 1 and 2.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from falqon_jax import fp8
+from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
 from falqon_jax.errors import UserInputError
-
-Init = Literal["svd", "random"]
-Scaling = Literal["tensor", "row"]
-
-_INITS = ("svd", "random")
-_SCALINGS = ("tensor", "row")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +78,11 @@ class MeldedKernel:
 
 
 jax.tree_util.register_dataclass(MeldedKernel)
+
+
+def is_melded(x) -> bool:
+  """Whether ``x`` is a :class:`MeldedKernel` (an ``is_leaf`` for tree maps)."""
+  return isinstance(x, MeldedKernel)
 
 
 def _is_tracer(x) -> bool:
@@ -179,19 +179,22 @@ _meld_jit = jax.jit(_meld, static_argnames=("rank", "init", "scaling"))
 
 def meld_kernel(
     kernel: jax.Array,
-    rank: int,
+    rank: Optional[int] = None,
     *,
-    init: Init = "svd",
+    options: FalqonOptions = RECOMMENDED,
     key: Optional[jax.Array] = None,
-    scaling: Scaling = "tensor",
     name: str = "kernel",
+    **overrides,
 ) -> MeldedKernel:
   """Melds one Flax-layout dense kernel ``(in, out)`` into a :class:`MeldedKernel`.
 
-  With ``init="svd"`` (the reference default), ``A = sqrt(S_r) Vh_r`` from the SVD of the
-  quantization error ``E = W - DQ(Q(W))``, one scale covers ``[W; A]``, the backbone rows
-  are ``Q(W; scale)`` and ``delta`` is zero. ``init="random"`` draws ``A`` from
-  ``Normal(mean W, std W)`` clipped to W's range and needs ``key``.
+  ``options`` (a :class:`~falqon_jax.FalqonOptions`, :data:`~falqon_jax.RECOMMENDED` by
+  default) gives ``rank``, ``init``, ``scaling`` and ``seed``; ``rank`` and keyword
+  overrides (``init="random"``) replace its fields. With ``init="svd"`` (both presets),
+  ``A = sqrt(S_r) Vh_r`` from the SVD of the quantization error ``E = W - DQ(Q(W))``, one
+  scale covers ``[W; A]``, the backbone rows are ``Q(W; scale)`` and ``delta`` is zero.
+  ``init="random"`` draws ``A`` from ``Normal(mean W, std W)`` clipped to W's range, with
+  ``key`` (default ``jax.random.key(options.seed)``).
 
   ``scaling="row"`` (beyond the reference) gives every row of ``[W; A]`` its own scale.
 
@@ -202,15 +205,13 @@ def meld_kernel(
     >>> mk.qweight.shape, mk.delta.shape
     ((112, 64), (96, 16))
   """
+  if rank is not None:
+    overrides["rank"] = rank
+  options = resolve(options, overrides)
   kernel = check_kernel(kernel, name)
   in_features, out_features = kernel.shape
-  rank = check_rank(rank, in_features, out_features, name)
-  if init not in _INITS:
-    raise UserInputError(f"init must be one of {_INITS}, got {init!r}")
-  if scaling not in _SCALINGS:
-    raise UserInputError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
-  if init == "random" and key is None:
-    raise UserInputError('init="random" needs key=jax.random.key(...)')
+  rank = check_rank(options.rank, in_features, out_features, name)
   if key is None:
-    key = jax.random.key(0)  # unused by the SVD init; keeps one jitted signature
-  return _meld_jit(kernel, key, rank=rank, init=init, scaling=scaling)
+    # Unused by the SVD init, but one jitted signature either way.
+    key = jax.random.key(options.seed)
+  return _meld_jit(kernel, key, rank=rank, init=options.init, scaling=options.scaling)

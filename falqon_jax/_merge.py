@@ -12,171 +12,26 @@ from typing import Literal, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from falqon_jax import fp8
+from falqon_jax import _merge_math, kernels
 from falqon_jax._melded_kernel import MeldedKernel, is_int
+# Re-exported: the public select_rows and rounding_residual, and the merge's pieces.
+from falqon_jax._merge_math import (  # noqa: F401
+    MERGE_PRECISION,
+    compute_merged_rows,
+    live_rows,
+    merge_counters,
+    rounding_residual,
+    write_rows,
+)
 from falqon_jax.errors import UserInputError
+from falqon_jax.kernels import select_rows  # noqa: F401
 
 Reset = Literal["all", "merged", "residual"]
 Rounding = Literal["nearest", "stochastic"]
 Implementation = Union[str, Sequence[str]]
 
-RESETS = ("all", "merged", "residual")
-ROUNDINGS = ("nearest", "stochastic")
-
-# The merge's f32 product delta[rows] @ raw_A. The reference runs it with allow_tf32, and
-# HIGH is that on GPUs (TF32 tensor cores), 3-pass bf16 on TPUs and exact f32 on CPU.
-# Its ~2^-11 relative error is far below the e4m3 step (2^-4) the sum is rounded to;
-# HIGHEST (f32 without tensor cores) would cost GPU time on every step that merges all
-# rows (top_k="all": 0.8 TFLOP per LLaMA-7B step at rank 64).
-MERGE_PRECISION = lax.Precision.HIGH
-
-
-def select_rows(delta: jax.Array, k: int) -> jax.Array:
-  """Indices of the ``k`` rows of ``delta`` with the largest L1 norm (``sum |B_ij|``)."""
-  _, rows = lax.top_k(jnp.sum(jnp.abs(delta), axis=-1), k)
-  return rows
-
-
-def write_rows(qweight: jax.Array, rows: jax.Array, new_rows: jax.Array, *, via_bits=None):
-  """``qweight.at[rows].set(new_rows)``, written so the k rows update in place.
-
-  GPU and TPU scatter fp8 natively, in place when ``qweight`` is donated. CPU XLA
-  upcasts the *whole* array to f32 around an fp8 scatter, so on CPU the write is a small
-  custom call that aliases its output to ``qweight`` (``falqon_jax._native``, built on
-  first use). Without a C++ compiler it falls back to a uint8 view, which costs two
-  full-size byte copies (``via_bits=True`` forces that path). All give the same bytes.
-  """
-  new_rows = new_rows.astype(qweight.dtype)
-  if via_bits is None and jax.default_backend() == "cpu":
-    from falqon_jax import _native
-
-    if _native.available():
-      return _native.write_rows(qweight, rows, new_rows)
-    via_bits = True
-  if not via_bits:
-    return qweight.at[rows].set(new_rows, unique_indices=True)
-  bits = fp8._bitcast(qweight, jnp.uint8)
-  bits = bits.at[rows].set(fp8._bitcast(new_rows, jnp.uint8), unique_indices=True)
-  return fp8._bitcast(bits, qweight.dtype)
-
-
-def live_rows(delta_rows: jax.Array, active: Optional[jax.Array] = None) -> jax.Array:
-  """Which of the selected rows really merge: ``(k,)`` bool.
-
-  A row whose delta holds a NaN or an Inf is dropped: its update would write NaN (or
-  saturated) bytes. With ``active``, rows past the first ``active`` are dropped too. The
-  test reads only the ``(k, rank)`` deltas, the same in the XLA merge and the kernel.
-  """
-  live = jnp.all(jnp.isfinite(delta_rows), axis=-1)
-  if active is not None:
-    live = live & (jnp.arange(delta_rows.shape[0]) < active)
-  return live
-
-
-def merge_counters(rows: jax.Array, cols: jax.Array, width: int) -> jax.Array:
-  """Each merged element's position ``row * width + col`` in the weight (broadcasting
-  ``rows`` against ``cols``): its stochastic-rounding counter, the same in the XLA merge
-  and in the Pallas kernel whatever the row order."""
-  return rows.astype(jnp.uint32) * jnp.uint32(width) + cols.astype(jnp.uint32)
-
-
-def compute_merged_rows(
-    qweight: jax.Array,
-    scale: jax.Array,
-    delta: jax.Array,
-    rows: jax.Array,
-    *,
-    out_features: int,
-    scaling: str = "tensor",
-    rounding: str = "nearest",
-    key: Optional[jax.Array] = None,
-    active: Optional[jax.Array] = None,
-) -> tuple[jax.Array, jax.Array]:
-  """New raw FP8 rows and their scales for ``rows``; the plain-jnp merge math.
-
-  Tensor scaling (the reference): ``e4m3(clamp(raw[rows] + delta[rows] @ raw_A, ±448))``.
-  Both raw operands share one scale, so no descale is needed.
-
-  Row scaling: the update is computed in value space, and a row whose new amax would
-  saturate gets a smaller scale (a wider range) instead of clipping.
-
-  Only the rows :func:`live_rows` keeps are merged: rows with a finite delta and, when
-  ``active`` (a traced count) is given, among the first ``active`` in top-k order. The
-  others come back with their own bytes and scales.
-
-  Returns:
-    ``(new_rows_fp8 (k, in), new_row_scales (k,) or the unchanged 0-d scale)``.
-  """
-  bits = fp8._bitcast(qweight, jnp.uint8)
-  raw_rows = fp8._bitcast(bits[rows], qweight.dtype).astype(jnp.float32)
-  raw_a = fp8._bitcast(bits[out_features:], qweight.dtype).astype(jnp.float32)
-  d_rows = delta[rows].astype(jnp.float32)
-  # A dropped row keeps its raw values, which every rounding gives back as they are: its
-  # own bytes (adding a zero update would turn a -0 code into +0) and, as its amax cannot
-  # exceed 448, its scale. Selecting here, where raw_rows is read anyway, reads no row twice.
-  live = live_rows(d_rows, active)[:, None]
-  hi = MERGE_PRECISION
-  if scaling == "row":
-    row_scale = scale[rows]
-    a_values = raw_a / scale[out_features:, None]
-    v = raw_rows + row_scale[:, None] * jnp.dot(d_rows, a_values, precision=hi)
-    v = jnp.where(live, v, raw_rows)
-    amax = jnp.max(jnp.abs(v), axis=-1)
-    shrink = jnp.where(amax > fp8.E4M3.max, fp8.E4M3.max / amax, 1.0)
-    v = v * shrink[:, None]
-    new_scale = row_scale * shrink
-  else:
-    v = jnp.where(live, raw_rows + jnp.dot(d_rows, raw_a, precision=hi), raw_rows)
-    new_scale = scale
-  if rounding == "stochastic":
-    n = v.shape[1]
-    counters = merge_counters(rows[:, None], lax.broadcasted_iota(jnp.int32, (1, n), 1), n)
-    new = fp8.quantize_stochastic(v, key, fp8.E4M3, index=counters)
-  else:
-    new = fp8.quantize(v, 1.0, fp8.E4M3)
-  return new, new_scale
-
-
-def rounding_residual(
-    mk: MeldedKernel,
-    rows: jax.Array,
-    new_rows: jax.Array,
-    new_scale: jax.Array,
-) -> jax.Array:
-  """The part of ``delta[rows] @ A`` that the new FP8 rows could not hold, in delta units.
-
-  The merge wants ``W[rows] + delta[rows] @ A`` but stores its e4m3 rounding. The error
-  ``e`` (k, in, in value units) is projected back onto A's row space by least squares,
-  ``r = e Aᵀ (A Aᵀ)⁻¹``, so that ``r @ A`` is the closest correction the ΔBuffer can
-  express. Keeping ``r`` as the merged rows' new delta (``reset="residual"``) is error
-  feedback: updates below half an FP8 step accumulate until they land, instead of being
-  rounded away every step. A's rows are frozen, so its Gram matrix is well conditioned as
-  long as A has full rank (SVD init guarantees it; a tiny ridge covers the rest).
-
-  Returns:
-    (k, rank) float32, the new ``delta`` of the merged rows.
-  """
-  out = mk.out_features
-  bits = fp8._bitcast(mk.qweight, jnp.uint8)
-  raw_rows = fp8._bitcast(bits[rows], mk.qweight.dtype).astype(jnp.float32)
-  raw_a = fp8._bitcast(bits[out:], mk.qweight.dtype).astype(jnp.float32)
-  if mk.scaling == "row":
-    old_scale, a_scale = mk.scale[rows][:, None], mk.scale[out:][:, None]
-    new_scale = new_scale[:, None]
-  else:
-    old_scale = a_scale = mk.scale
-  a = raw_a / a_scale
-  hi = lax.Precision.HIGHEST
-  wanted = raw_rows / old_scale + jnp.dot(mk.delta[rows].astype(jnp.float32), a, precision=hi)
-  err = wanted - new_rows.astype(jnp.float32) / new_scale
-  gram = jnp.dot(a, a.T, precision=hi)
-  gram = gram + 1e-6 * jnp.trace(gram) / mk.rank * jnp.eye(mk.rank, dtype=gram.dtype)
-  rhs = jnp.dot(a, err.T, precision=hi)  # (rank, k): A eᵀ
-  factor = jax.scipy.linalg.cho_factor(gram)
-  return jax.scipy.linalg.cho_solve(factor, rhs).T.astype(mk.delta.dtype)
-
+from falqon_jax._options import RESETS, ROUNDINGS  # noqa: E402
 
 def merge_rows(
     mk: MeldedKernel,
@@ -188,28 +43,19 @@ def merge_rows(
     active: Optional[jax.Array] = None,
     implementation: Implementation = "xla",
 ) -> MeldedKernel:
-  """:func:`merge_top_k` with an optional traced ``active`` count (no validation)."""
-  rows = select_rows(mk.delta, k)
-  if implementation == "xla":
-    new_rows, new_row_scale = compute_merged_rows(
-        mk.qweight, mk.scale, mk.delta, rows,
-        out_features=mk.out_features, scaling=mk.scaling,
-        rounding=rounding, key=key, active=active,
-    )
-    qweight = write_rows(mk.qweight, rows, new_rows)
-    scale = mk.scale
-    if mk.scaling == "row":
-      scale = scale.at[rows].set(new_row_scale, unique_indices=True)
-  else:
-    from falqon_jax import kernels  # imported lazily: kernels import this module
-    qweight, scale = kernels.merge_rows(
-        mk.qweight, mk.scale, mk.delta, rows, out_features=mk.out_features,
-        scaling=mk.scaling, rounding=rounding, key=key, active=active,
-        implementation=implementation,
-    )
-    if reset == "residual":  # the kernel wrote in place: read its k rows back
-      new_rows = fp8._bitcast(fp8._bitcast(qweight, jnp.uint8)[rows], qweight.dtype)
-      new_row_scale = scale[rows] if mk.scaling == "row" else scale
+  """:func:`merge_top_k` with an optional traced ``active`` count.
+
+  It checks nothing: ``merge_top_k`` and ``proxy_update`` check their inputs at entry.
+  """
+  rows = _merge_math.top_rows(mk.delta, k)
+  qweight, scale = kernels.merge_rows_unchecked(
+      mk.qweight, mk.scale, mk.delta, rows, out_features=mk.out_features,
+      scaling=mk.scaling, rounding=rounding, key=key, active=active,
+      implementation=implementation,
+  )
+  if reset == "residual":  # the rows were written in place: read them back
+    new_rows = _merge_math.gather_rows(qweight, rows)
+    new_row_scale = scale[rows] if mk.scaling == "row" else scale
   if reset == "all":
     delta = jnp.zeros_like(mk.delta)
     if active is not None:  # a step that merges nothing (a skipped step) resets nothing
@@ -231,10 +77,7 @@ def merge_rows(
 def check_merge_options(reset: str, rounding: str, key) -> None:
   if reset not in RESETS:
     raise UserInputError(f"reset must be one of {RESETS}, got {reset!r}")
-  if rounding not in ROUNDINGS:
-    raise UserInputError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-  if rounding == "stochastic" and key is None:
-    raise UserInputError('rounding="stochastic" needs key=jax.random.key(...)')
+  kernels.check_rounding(rounding, key)
 
 
 def merge_top_k(

@@ -21,13 +21,10 @@ import jax.numpy as jnp
 from jax import lax
 import optax
 
-from falqon_jax._melded_kernel import MeldedKernel, is_int
-from falqon_jax._merge import Implementation, Reset, Rounding, check_merge_options, merge_rows
+from falqon_jax._melded_kernel import MeldedKernel, is_int, is_melded
+from falqon_jax._merge import merge_rows
+from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
 from falqon_jax.errors import UserInputError
-
-
-def _is_melded(x) -> bool:
-  return isinstance(x, MeldedKernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,46 +110,52 @@ def delta_tree(tree):
   ``jax.grad`` returns for them (which have the same ``MeldedKernel`` nodes).
   """
   return jax.tree_util.tree_map(
-      lambda x: x.delta if _is_melded(x) else optax.MaskedNode(), tree, is_leaf=_is_melded
+      lambda x: x.delta if is_melded(x) else optax.MaskedNode(), tree, is_leaf=is_melded
   )
 
 
 def _melded_kernels(params) -> list[MeldedKernel]:
-  return [x for x in jax.tree_util.tree_leaves(params, is_leaf=_is_melded) if _is_melded(x)]
+  return [x for x in jax.tree_util.tree_leaves(params, is_leaf=is_melded) if is_melded(x)]
 
 
 def proxy_update(
     inner: optax.GradientTransformation,
+    options: FalqonOptions = RECOMMENDED,
     *,
-    top_k: Optional[int] = None,
-    warmup_steps: int = 0,
-    reset: Reset = "all",
-    rounding: Rounding = "nearest",
     key: Optional[jax.Array] = None,
     accumulation_steps: int = 1,
-    implementation: Implementation = "xla",
+    **overrides,
 ) -> optax.GradientTransformationExtraArgs:
   """FALQON's row-wise proxy update around an inner optax optimizer.
 
-  Args:
-    inner: any optax transformation for the deltas, e.g.
-      ``optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(schedule))``.
+  ``options`` (a :class:`~falqon_jax.FalqonOptions`, :data:`~falqon_jax.RECOMMENDED` by
+  default; :data:`~falqon_jax.REFERENCE` for the official code's semantics) gives
+  ``top_k``, ``topk_warmup_steps``, ``reset``, ``rounding``, ``implementation`` and
+  ``seed``; keyword ``overrides`` (``reset="all"``) replace its fields:
+
     top_k: rows merged per kernel per step. ``None`` merges ``rank`` rows, which is what
       the reference code really does (its ``num_topk`` is never used); ``"all"`` merges
       every row of every kernel each step.
-    warmup_steps: for this many steps ``k = rank``, then ``k = top_k``.
+    topk_warmup_steps: for this many steps ``k = rank``, then ``k = top_k``.
     reset: ``"all"`` zeroes the whole ΔBuffer after each merge (the reference);
       ``"merged"`` zeroes only the merged rows, so the rest keep accumulating;
       ``"residual"`` is ``"merged"`` plus error feedback: a merged row keeps the part of
       its update that the e4m3 grid could not hold (projected on A's rows, see
       :func:`falqon_jax.rounding_residual`), so sub-ULP updates land over later steps.
-    rounding: ``"nearest"`` (the reference) or ``"stochastic"`` (needs ``key``).
-    key: PRNG key for stochastic rounding; each step and kernel folds in its own index,
-      so data-parallel replicas with the same state make the same choices.
+    rounding: ``"nearest"`` (the reference) or ``"stochastic"``.
+    implementation: merge implementation, see :func:`falqon_jax.merge_top_k`.
+
+  Args:
+    inner: any optax transformation for the deltas, e.g.
+      ``optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(schedule))``.
+    options: the FALQON options.
+    key: PRNG key for stochastic rounding (default ``jax.random.key(options.seed)``);
+      each step and kernel folds in its own index, so data-parallel replicas with the
+      same state make the same choices.
     accumulation_steps: gradient accumulation. The inner optimizer runs under
       ``optax.MultiSteps`` on the mean of this many micro-batch gradients, and the merge
       happens only on that update step; the other calls change nothing.
-    implementation: merge implementation, see :func:`falqon_jax.merge_top_k`.
+    **overrides: fields of ``options`` to replace.
 
   A step whose delta gradients or inner updates are not finite (``optax.apply_if_finite``,
   extended to the updates, which a NaN learning rate spoils) is skipped: deltas, FP8
@@ -172,18 +175,14 @@ def proxy_update(
     >>> int(state.count)
     1
   """
-  check_merge_options(reset, rounding, key)
-  if top_k is not None and top_k != "all" and (not is_int(top_k) or top_k < 1):
-    raise UserInputError(f'top_k must be None, "all" or a positive int, got {top_k!r}')
-  if not is_int(warmup_steps) or warmup_steps < 0:
-    raise UserInputError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+  options = resolve(options, overrides)
+  top_k, warmup_steps = options.top_k, options.topk_warmup_steps
+  reset, rounding, implementation = options.reset, options.rounding, options.implementation
+  if key is None and rounding == "stochastic":
+    key = jax.random.key(options.seed)
   if not is_int(accumulation_steps) or accumulation_steps < 1:
     raise UserInputError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
-  # Python ints from here on: top_k is a static shape, the others go into optax.
-  top_k = top_k if top_k in (None, "all") else int(top_k)
-  warmup_steps, accumulation_steps = int(warmup_steps), int(accumulation_steps)
-  if not isinstance(implementation, str):
-    implementation = tuple(implementation)
+  accumulation_steps = int(accumulation_steps)  # a Python int for optax
   if accumulation_steps > 1:
     inner = optax.MultiSteps(inner, every_k_schedule=accumulation_steps).gradient_transformation()
   guarded = _apply_if_finite(inner)
@@ -238,7 +237,7 @@ def proxy_update(
     counter = iter(range(1 << 30))
 
     def step(p, u):
-      if not _is_melded(p):
+      if not is_melded(p):
         return jnp.zeros_like(p)
       index = next(counter)
       k, active = plan(p, state.count)
@@ -252,7 +251,7 @@ def proxy_update(
       )
       return MeldedUpdate(merged.qweight, merged.scale, merged.delta)
 
-    updates = jax.tree_util.tree_map(step, params, delta_updates, is_leaf=_is_melded)
+    updates = jax.tree_util.tree_map(step, params, delta_updates, is_leaf=is_melded)
     new_state = ProxyUpdateState(
         inner_state=inner_state,
         count=state.count + applied.astype(jnp.int32),
@@ -268,7 +267,7 @@ def apply_updates(params, updates):
   (dtype kept, as ``optax.apply_updates`` does) for every other leaf."""
 
   def apply(p, u):
-    if _is_melded(p):
+    if is_melded(p):
       if not isinstance(u, MeldedUpdate):
         raise TypeError(
             "updates for a MeldedKernel must come from falqon_jax.proxy_update, got"
@@ -277,4 +276,4 @@ def apply_updates(params, updates):
       return p.replace(qweight=u.qweight, scale=u.scale, delta=u.delta)
     return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
-  return jax.tree_util.tree_map(apply, params, updates, is_leaf=_is_melded)
+  return jax.tree_util.tree_map(apply, params, updates, is_leaf=is_melded)

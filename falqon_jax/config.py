@@ -22,6 +22,9 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from falqon_jax._options import (
+    IMPLEMENTATIONS, INITS, RECOMMENDED, RESETS, ROUNDINGS, SCALINGS, FalqonOptions,
+)
 from falqon_jax.errors import UserInputError
 from falqon_jax.models._decoder import ATTENTION
 
@@ -55,20 +58,22 @@ class FinetuneConfig:
   rank: int = _field(16, "LoRA rank of each melded kernel", ge=1)
   targets: Optional[str] = _field(
       None, "regex over param paths to meld; none: the attention and MLP projections")
-  init: str = _field("random", "how LoRA's A starts: random, or svd of the quantization"
-                     " error (the reference's)")
-  scaling: str = _field("tensor", "FP8 scale per tensor or per row")
-  # The CLI defaults go beyond the reference, to the setting that kept the most of LoRA's
-  # gain on real text (benchmarks/RESULTS.md: 96.6% vs the reference's 77.7%): a random A,
-  # every row merged each step, unmerged updates kept, stochastic rounding. `--init svd
-  # --top_k none --reset all --rounding nearest` reproduces the reference (k = rank).
+  # The FALQON defaults below are falqon_jax.RECOMMENDED's (justified in
+  # benchmarks/RESULTS.md); `--top_k none --reset all --rounding nearest` gives REFERENCE.
+  init: str = _field(RECOMMENDED.init, "how LoRA's A starts: svd of the quantization error"
+                     " (the reference's), or random")
+  scaling: str = _field(RECOMMENDED.scaling, "FP8 scale per tensor or per row")
   top_k: Optional[Union[int, str]] = _field(
-      "all", "rows merged per kernel per step: a count, all (every row) or none (k = rank,"
-      " the reference)", ge=1)
-  topk_warmup_steps: int = _field(0, "steps that merge rank rows before top_k applies", ge=0)
-  reset: str = _field("merged", "delta rows zeroed after a merge: all (the reference), the"
-                      " merged ones, or residual (merged, keeping the rounding error)")
-  rounding: str = _field("stochastic", "rounding of merged rows onto the FP8 grid")
+      RECOMMENDED.top_k, "rows merged per kernel per step: a count, all (every row) or none"
+      " (k = rank, the reference)", ge=1)
+  topk_warmup_steps: int = _field(RECOMMENDED.topk_warmup_steps,
+                                  "steps that merge rank rows before top_k applies", ge=0)
+  reset: str = _field(RECOMMENDED.reset, "delta rows zeroed after a merge: all (the"
+                      " reference), the merged ones, or residual (merged, keeping the"
+                      " rounding error)")
+  rounding: str = _field(RECOMMENDED.rounding, "rounding of merged rows onto the FP8 grid")
+  implementation: str = _field(RECOMMENDED.implementation, "the row merge: xla, or pallas"
+                               " (the in-place kernel)")
   # Optimization.
   steps: int = _field(300, "training steps", ge=1)
   batch_size: int = _field(32, "examples per step, over all devices", ge=1)
@@ -115,10 +120,11 @@ class FinetuneConfig:
 
 CHOICES = {
     "data_format": ("auto", "alpaca", "oasst", "chat"),
-    "init": ("svd", "random"),
-    "scaling": ("tensor", "row"),
-    "reset": ("all", "merged", "residual"),
-    "rounding": ("nearest", "stochastic"),
+    "init": INITS,
+    "scaling": SCALINGS,
+    "reset": RESETS,
+    "rounding": ROUNDINGS,
+    "implementation": IMPLEMENTATIONS,
     "lr_schedule": ("constant", "cosine", "linear"),
     "dtype": ("bfloat16", "float32"),
     "attention": ATTENTION,
@@ -317,6 +323,14 @@ def resolve(cls, *, file_values: Optional[dict] = None, flags: Sequence[str] = (
     if value is not None and key in types:
       values[key] = _coerce(fields[key], types[key], value)
   return cls(**values)
+
+
+def falqon_options(config: FinetuneConfig) -> FalqonOptions:
+  """The run's :class:`~falqon_jax.FalqonOptions` (its seed is the run's)."""
+  return FalqonOptions(
+      rank=config.rank, init=config.init, scaling=config.scaling, top_k=config.top_k,
+      topk_warmup_steps=config.topk_warmup_steps, reset=config.reset,
+      rounding=config.rounding, implementation=config.implementation, seed=config.seed)
 
 
 def to_dict(config) -> dict:

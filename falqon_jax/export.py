@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from falqon_jax import models
-from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax._melded_kernel import MeldedKernel, is_melded
 from falqon_jax.errors import UserInputError
 from falqon_jax import _safetensors as st
 
@@ -81,13 +81,9 @@ _WEIGHTS = re.compile(r"(model|pytorch_model|flax_model|tf_model)(-\d+-of-\d+)?"
                       r"\.(safetensors|bin|msgpack|h5)(\.index\.json)?")
 
 
-def _is_melded(x) -> bool:
-  return isinstance(x, MeldedKernel)
-
-
 def _flat(params) -> list[tuple[tuple, Any]]:
   """``(path, leaf)`` pairs; layer indices stay ints, as ``models.hf_name`` reads them."""
-  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_melded)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_melded)[0]
   return [(tuple(getattr(k, "key", k) for k in kp), leaf) for kp, leaf in leaves]
 
 

@@ -140,9 +140,9 @@ def load_model(config: FinetuneConfig, run_dir: str) -> Loaded:
   data_lib.check_vocabulary(tokenizer, models.read_config(folder).vocab_size, folder)
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   # Melded while loading: the full-precision model never sits in memory whole.
-  lm, _, report = models.load(folder, dtype, rank=config.rank, targets=config.targets,
-                              init=config.init, scaling=config.scaling,
-                              key=jax.random.key(config.seed), attention=config.attention)
+  options = config_lib.falqon_options(config)
+  lm, _, report = models.load(folder, dtype, rank=options.rank, options=options,
+                              targets=config.targets, attention=config.attention)
   model, params = models.split(lm)
   return Loaded(model, params, tokenizer, model_id, report)
 
@@ -226,10 +226,8 @@ def _optimizer(config: FinetuneConfig):
                               [config.warmup_steps])
   inner = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                       optax.adamw(lr, weight_decay=config.weight_decay))
-  key = jax.random.key(config.seed) if config.rounding == "stochastic" else None
   return falqon_jax.proxy_update(
-      inner, top_k=config.top_k, warmup_steps=config.topk_warmup_steps, reset=config.reset,
-      rounding=config.rounding, key=key, accumulation_steps=config.grad_accum,
+      inner, config_lib.falqon_options(config), accumulation_steps=config.grad_accum,
   ), lr
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantize_stochastic",
+    "round_stochastic",
     "stochastic_seed",
     "hash_uniform",
 ]
@@ -104,14 +105,16 @@ def _eps_threshold() -> np.float32:
   return np.float32(AMAX_EPS)
 
 
-def scale_from_amax(amax: jax.Array, fmt: FormatLike) -> jax.Array:
-  """``fp32(max_fmt / max(amax, 1e-12))`` for an amax of any shape."""
+def scale_from_amax(amax: jax.Array, fmt: FormatLike, *, div=jnp.divide) -> jax.Array:
+  """``fp32(max_fmt / max(amax, 1e-12))`` for an amax of any shape.
+
+  ``div`` is a correctly rounded float32 division (a Pallas kernel passes its own).
+  """
   fmt = get_format(fmt)
   amax = jnp.asarray(amax, jnp.float32)
   tiny_scale = np.float32(fmt.max / AMAX_EPS)  # the float64 quotient, rounded once
-  return jnp.where(
-      amax <= _eps_threshold(), tiny_scale, jnp.float32(fmt.max) / amax
-  ).astype(jnp.float32)
+  ratio = div(jnp.full(amax.shape, fmt.max, jnp.float32), amax)
+  return jnp.where(amax <= _eps_threshold(), tiny_scale, ratio).astype(jnp.float32)
 
 
 def _amax(x: jax.Array, axis: Optional[Union[int, Sequence[int]]]) -> jax.Array:
@@ -209,23 +212,36 @@ def quantize_stochastic(
   array as ``index`` to draw the same numbers a kernel working on that array draws.
   """
   fmt = get_format(fmt)
-  v = jnp.clip(jnp.asarray(scaled, jnp.float32), -fmt.max, fmt.max)
+  v = jnp.asarray(scaled, jnp.float32)
+  if index is None:
+    index = lax.broadcasted_iota(jnp.uint32, (v.size,), 0).reshape(v.shape)
+  seed = stochastic_seed(key)
+  u = hash_uniform(seed[0], seed[1], jnp.broadcast_to(index, v.shape))
+  return round_stochastic(v, u, fmt)
+
+
+def round_stochastic(
+    v: jax.Array, u: jax.Array, fmt: FormatLike = E4M3, *, div=jnp.divide
+) -> jax.Array:
+  """:func:`quantize_stochastic` given its float32 uniforms ``u`` (shaped like ``v``).
+
+  Plain jnp on any shape, so a Pallas kernel runs it on its blocks; ``div`` is a
+  correctly rounded float32 division (a kernel passes its own, ``/`` is not one on Triton).
+  """
+  fmt = get_format(fmt)
+  v = jnp.clip(v, -fmt.max, fmt.max)
   mag = jnp.abs(v)
   # Non-negative FP8 values are monotone in their bit patterns, so the two neighbours of
   # |v| are adjacent codes: take the nearest code, then step down if it overshot.
   near = _bitcast(mag.astype(fmt.dtype), jnp.uint8)
   near_val = _bitcast(near, fmt.dtype).astype(jnp.float32)
   lo = jnp.where(near_val > mag, near - 1, near).astype(jnp.uint8)
-  top = _bitcast(jnp.asarray(fmt.max, fmt.dtype), jnp.uint8)
+  top = int(np.array(fmt.max, fmt.dtype).view(np.uint8))
   hi = jnp.minimum(lo + 1, top).astype(jnp.uint8)
   lo_val = _bitcast(lo, fmt.dtype).astype(jnp.float32)
   hi_val = _bitcast(hi, fmt.dtype).astype(jnp.float32)
   gap = hi_val - lo_val
-  p_up = jnp.where(gap > 0, (mag - lo_val) / jnp.where(gap > 0, gap, 1.0), 0.0)
-  if index is None:
-    index = lax.broadcasted_iota(jnp.uint32, (v.size,), 0).reshape(v.shape)
-  seed = stochastic_seed(key)
-  u = hash_uniform(seed[0], seed[1], jnp.broadcast_to(index, v.shape))
+  p_up = jnp.where(gap > 0, div(mag - lo_val, jnp.where(gap > 0, gap, 1.0)), 0.0)
   code = jnp.where(u < p_up, hi, lo)
   sign = jnp.where(jnp.signbit(v), jnp.uint8(0x80), jnp.uint8(0))
   return _bitcast(code | sign, fmt.dtype)

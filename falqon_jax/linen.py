@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from falqon_jax._meld import meld as _core_meld
 from falqon_jax._meld import path_str
 from falqon_jax._melded_dense import melded_dense
-from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax._melded_kernel import MeldedKernel, is_melded
+from falqon_jax._options import RECOMMENDED, FalqonOptions
 
 __all__ = [
     "GPT2_CONV1D",
@@ -75,10 +76,6 @@ jax.tree_util.register_dataclass(TransposedMeldedKernel)
 Pattern = Union[None, str, "re.Pattern[str]", Callable[[str, Any], bool]]
 
 
-def is_melded(x) -> bool:
-  return isinstance(x, MeldedKernel)
-
-
 def _match(pattern: Pattern) -> Callable[[str, Any], bool]:
   if pattern is None:
     return lambda path, leaf: False
@@ -92,19 +89,22 @@ def _match(pattern: Pattern) -> Callable[[str, Any], bool]:
   )
 
 
-def meld(params, rank: int = 64, *, transposed: Pattern = None, **meld_kwargs):
+def meld(params, rank: Optional[int] = None, *, options: FalqonOptions = RECOMMENDED,
+         transposed: Pattern = None, **meld_kwargs):
   """:func:`falqon_jax.meld` for linen params, with ``(out, in)`` kernels handled.
 
   Args:
     params: a linen params tree.
-    rank: the LoRA rank.
+    rank: the LoRA rank; None: ``options.rank``.
+    options: a :class:`~falqon_jax.FalqonOptions` (default
+      :data:`~falqon_jax.RECOMMENDED`), as for :func:`falqon_jax.meld`.
     transposed: which kernel paths are stored ``(out, in)``: a regex over the slash-joined
       path, a predicate ``(path, leaf) -> bool``, or ``None`` (all ``(in, out)``). For a
       GPT-2-style model built of ``FlaxConv1D`` pass :data:`GPT2_CONV1D`. Those
       kernels are melded as ``(in, out)`` and come back as
       :class:`TransposedMeldedKernel`; the ones left unmelded keep their layout.
-    **meld_kwargs: ``targets``, ``init``, ``key``, ``scaling``, as for
-      :func:`falqon_jax.meld`. Report shapes are the ``(in, out)`` kernel shapes.
+    **meld_kwargs: ``targets``, ``key`` and option overrides (``init``, ``scaling``...),
+      as for :func:`falqon_jax.meld`. Report shapes are the ``(in, out)`` kernel shapes.
 
   Returns:
     ``(melded_params, report)``.
@@ -120,7 +120,7 @@ def meld(params, rank: int = 64, *, transposed: Pattern = None, **meld_kwargs):
     return leaf
 
   params = jax.tree_util.tree_map_with_path(pre, params, is_leaf=is_melded)
-  params, report = _core_meld(params, rank, **meld_kwargs)
+  params, report = _core_meld(params, rank, options=options, **meld_kwargs)
 
   def post(kpath, leaf):
     if path_str(kpath) not in flip:

@@ -40,6 +40,7 @@ from flax.core import spmd as _spmd
 from falqon_jax._meld import MeldedLayer, MeldReport, _matcher, meld_leaf
 from falqon_jax._melded_dense import melded_dense
 from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
 from falqon_jax._proxy_update import apply_updates, proxy_update
 from falqon_jax.errors import UserInputError
 
@@ -143,21 +144,25 @@ def _set(model, path, value) -> None:
     setattr(parent, path[-1], value)
 
 
-def meld(model: nnx.Module, rank: int = 64, *, targets=None, **meld_kwargs) -> MeldReport:
+def meld(model: nnx.Module, rank: Optional[int] = None, *,
+         options: FalqonOptions = RECOMMENDED, targets=None, key: Optional[jax.Array] = None,
+         **overrides) -> MeldReport:
   """Melds the ``nnx.Linear`` layers of ``model`` in place; returns the report.
 
   Targets follow :func:`falqon_jax.meld` over the paths ``layers/0/kernel`` (regex or
   predicate); the default melds every Linear with dims that are multiples of 16, except
-  embeddings and the LM head (``lm_head``, ``embed*``...). ``init``, ``key`` and
-  ``scaling`` pass through.
+  embeddings and the LM head (``lm_head``, ``embed*``...). ``rank``, ``options``
+  (default :data:`~falqon_jax.RECOMMENDED`), ``key`` and option overrides (``init``,
+  ``scaling``...) are :func:`falqon_jax.meld`'s.
   """
+  if rank is not None:
+    overrides["rank"] = rank
+  options = resolve(options, overrides)
   match = None if targets is None else _matcher(targets)
-  if meld_kwargs.get("init") == "random" and meld_kwargs.get("key") is None:
-    raise UserInputError('init="random" needs key=jax.random.key(...)')
   melded, skipped = [], []
   for path, linear, index in meld_plan(model, match, targets):
-    mk, entry = meld_leaf(_path_str(path) + "/kernel", linear.kernel[...], index, rank, match,
-                          **meld_kwargs)
+    mk, entry = meld_leaf(_path_str(path) + "/kernel", linear.kernel[...], index, options,
+                          match, key=key)
     if isinstance(entry, MeldedLayer):
       melded.append(entry)
       swap_in(model, path, linear, mk)
@@ -224,11 +229,15 @@ class Optimizer(nnx.Object):
   Args:
     model: a melded model (see :func:`meld`).
     inner: the optax optimizer for the deltas.
-    **proxy_kwargs: ``top_k``, ``warmup_steps``, ``reset``, ``rounding``, ``key``.
+    options: a :class:`~falqon_jax.FalqonOptions` (default
+      :data:`~falqon_jax.RECOMMENDED`), as for :func:`falqon_jax.proxy_update`.
+    **proxy_kwargs: ``key``, ``accumulation_steps`` and option overrides (``top_k``,
+      ``topk_warmup_steps``, ``reset``, ``rounding``, ``implementation``).
   """
 
-  def __init__(self, model: nnx.Module, inner: optax.GradientTransformation, **proxy_kwargs):
-    self.tx = proxy_update(inner, **proxy_kwargs)
+  def __init__(self, model: nnx.Module, inner: optax.GradientTransformation,
+               options: FalqonOptions = RECOMMENDED, **proxy_kwargs):
+    self.tx = proxy_update(inner, options, **proxy_kwargs)
     ks = kernels(model)
     if not ks:
       raise UserInputError("model has no MeldedLinear: call falqon_jax.nnx.meld(model, rank) first")

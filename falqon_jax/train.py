@@ -44,7 +44,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import falqon_jax
-from falqon_jax._melded_kernel import MeldedKernel
+from falqon_jax._melded_kernel import is_melded
 from falqon_jax.errors import UserInputError
 from falqon_jax.models import LAYER_OUTPUT
 
@@ -160,10 +160,6 @@ def pmap_train_step(model, tx: optax.GradientTransformation, axis_name: str = "d
   return step
 
 
-def _is_melded(x) -> bool:
-  return isinstance(x, MeldedKernel)
-
-
 def fsdp_spec(axis: str) -> Callable:
   """Partition specs that shard each melded kernel's rows (qweight and delta) on ``axis``.
 
@@ -172,7 +168,7 @@ def fsdp_spec(axis: str) -> Callable:
   """
 
   def spec(x):
-    if _is_melded(x):
+    if is_melded(x):
       row = P(axis, None)
       scale = P(axis) if x.scaling == "row" else P()
       return x.replace(qweight=row, scale=scale, delta=row)
@@ -213,7 +209,7 @@ class DataParallel:
   def state_sharding(self, state: TrainState):
     if not self.fsdp:
       return jax.tree_util.tree_map(lambda _: self.replicated, state)
-    specs = jax.tree_util.tree_map(fsdp_spec(self.axis), state, is_leaf=_is_melded)
+    specs = jax.tree_util.tree_map(fsdp_spec(self.axis), state, is_leaf=is_melded)
     to_sharding = lambda s: NamedSharding(self.mesh, s)
     return jax.tree_util.tree_map(to_sharding, specs, is_leaf=lambda x: isinstance(x, P))
 

@@ -41,7 +41,7 @@ def main():
   model, params = models.split(lm)
   # SGD: after Adam's first step every |B_ij| is about lr, so row norms tie and the top-k
   # choice would follow the last bits in which one and two processes differ.
-  tx = falqon_jax.proxy_update(optax.sgd(0.5), reset="merged", rounding="stochastic",
+  tx = falqon_jax.proxy_update(optax.sgd(0.5), falqon_jax.REFERENCE, reset="merged", rounding="stochastic",
                                key=jax.random.key(1))
   dp = train.DataParallel()
   state = train.TrainState.create(params, tx)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableException
 def _state(seed=0):
   params = {"w": {"kernel": jax.random.normal(jax.random.key(seed), (32, 48))}, "b": jnp.ones(3)}
   params, _ = falqon_jax.meld(params, rank=16)
-  tx = falqon_jax.proxy_update(optax.adam(1e-2), rounding="stochastic", key=jax.random.key(1))
+  tx = falqon_jax.proxy_update(optax.adam(1e-2), falqon_jax.REFERENCE, rounding="stochastic", key=jax.random.key(1))
   state = train.TrainState.create(params, tx)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, opt_state = tx.update(grads, state.opt_state, params)

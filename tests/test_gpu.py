@@ -87,7 +87,7 @@ def test_train_step_keeps_every_gemm_fp8_and_learns():
   lm = models.CausalLM(models.tiny_config("llama"), rngs=nnx.Rngs(0))
   report = fnnx.meld(lm, rank=16)
   model, params = models.split(lm)
-  tx = falqon_jax.proxy_update(optax.adam(3e-2))
+  tx = falqon_jax.proxy_update(optax.adam(3e-2), falqon_jax.REFERENCE)
   state = train.TrainState.create(params, tx)
   batch = train.example_batch(jax.random.key(1), batch_size=4, seq_len=32, vocab=256)
   step = jax.jit(train.make_train_step(model, tx, remat=True), donate_argnums=0)

@@ -216,7 +216,7 @@ def trained(family):
   """30 jitted FALQON steps; one compiled step also returns the gradients it used."""
   _, model, _, melded, _ = family
   loss_fn = _loss_fn(model)
-  tx = falqon_jax.proxy_update(optax.adam(3e-2))
+  tx = falqon_jax.proxy_update(optax.adam(3e-2), falqon_jax.REFERENCE)
   ids = _batch(1)
 
   @jax.jit

@@ -99,6 +99,25 @@ def test_random_init_gives_each_layer_its_own_key(rng):
   assert not np.array_equal(np.asarray(melded["a"]["kernel"].lora_a()), np.asarray(melded["b"]["kernel"].lora_a()))
 
 
+def test_random_init_without_a_key_uses_the_options_seed(rng):
+  params = {"a": {"kernel": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32)},
+            "b": {"kernel": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32)}}
+  a_of = lambda tree: [np.asarray(tree[n]["kernel"].lora_a()) for n in ("a", "b")]
+  bare, _ = falqon_jax.meld(params, rank=8, init="random")
+  keyed, _ = falqon_jax.meld(params, rank=8, init="random", key=jax.random.key(0))
+  other, _ = falqon_jax.meld(params, options=falqon_jax.RECOMMENDED.replace(
+      rank=8, init="random", seed=1))
+  np.testing.assert_array_equal(a_of(bare), a_of(keyed))  # one program, same key: exact
+  assert not np.array_equal(a_of(bare)[0], a_of(other)[0])
+
+
+def test_rank_argument_overrides_the_options_rank(rng):
+  params = {"a": {"kernel": jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)}}
+  opts = falqon_jax.REFERENCE.replace(rank=16)
+  assert falqon_jax.meld(params, options=opts)[0]["a"]["kernel"].rank == 16
+  assert falqon_jax.meld(params, 8, options=opts)[0]["a"]["kernel"].rank == 8
+
+
 @pytest.mark.parametrize("targets,err,msg", [
     (r"q_proj", ValueError, "must be a 2-D"),  # matches the 1-D bias too
     (r"odd/kernel", ValueError, "multiples of 16: narrow `targets`"),
@@ -119,8 +138,6 @@ def test_bad_rank(rng):
   params = {"a": {"kernel": jnp.ones((32, 48))}}
   with pytest.raises(ValueError, match=r"rank must be in \[1, min\(in, out\)\] = \[1, 32\] for kernel 'a/kernel'"):
     falqon_jax.meld(params, rank=64)
-  with pytest.raises(ValueError, match="needs key"):
-    falqon_jax.meld(params, rank=8, init="random")
 
 
 def test_numpy_integer_rank_is_accepted_and_stored_as_int(rng):

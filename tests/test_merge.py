@@ -357,3 +357,55 @@ def test_numpy_integer_k_is_accepted_and_bools_refused(rng):
   for bad in (True, np.bool_(True), 4.0):
     with pytest.raises(ValueError, match="k must be an int"):
       falqon_jax.merge_top_k(mk, bad)
+
+
+def test_select_rows_is_one_checked_function(rng):
+  from falqon_jax import kernels
+  assert falqon_jax.select_rows is kernels.select_rows
+  delta = _mk(rng).delta
+  for k in (0, OUT + 1, 2.0):
+    with pytest.raises(ValueError, match="k must be an int"):
+      falqon_jax.select_rows(delta, k)
+
+
+def _package_imports():
+  """``module -> falqon_jax modules it imports`` anywhere, function bodies included."""
+  import ast
+  import pathlib
+
+  root = pathlib.Path(falqon_jax.__file__).parent
+  mods = {}
+  for path in root.rglob("*.py"):
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+  graph = {}
+  for name, path in mods.items():
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        targets |= {a.name for a in node.names if a.name in mods}
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in mods:
+        # `from pkg import sub` imports the submodule; `from mod import name` the module.
+        targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods
+                    else node.module for a in node.names}
+    graph[name] = targets - {name}
+  return graph
+
+
+def test_no_import_cycle_in_the_package():
+  """An import cycle held together by imports inside functions is still a cycle."""
+  graph, state, cycles = _package_imports(), {}, []
+
+  def visit(m, path):
+    state[m] = "open"
+    for t in sorted(graph[m]):
+      if state.get(t) == "open":
+        cycles.append(path[path.index(t):] + [t])
+      elif t not in state:
+        visit(t, path + [t])
+    state[m] = "done"
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m, [m])
+  assert not cycles, cycles

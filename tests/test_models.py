@@ -417,9 +417,11 @@ def test_melded_weights_keep_the_kernels_axis_names_and_shard():
 
 
 @needs_fixtures
-@pytest.mark.parametrize("arch,targets", [("llama3_sharded", None), ("gpt2", r"attn/c_attn")])
-def test_melding_while_loading_equals_melding_after(arch, targets):
-  kw = dict(init="random", key=jax.random.key(5), targets=targets)
+@pytest.mark.parametrize("arch,targets,seed", [
+    ("llama3_sharded", None, 5), ("gpt2", r"attn/c_attn", 5),
+    ("llama3_sharded", None, None)])  # None: both default to jax.random.key(options.seed)
+def test_melding_while_loading_equals_melding_after(arch, targets, seed):
+  kw = dict(init="random", key=None if seed is None else jax.random.key(seed), targets=targets)
   loaded = models.load(str(FIXTURES / arch), rank=8, **kw)
   model, _, _ = models.load(str(FIXTURES / arch))
   report = fnnx.meld(model, rank=8, **kw)

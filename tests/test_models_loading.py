@@ -214,7 +214,8 @@ def test_melding_while_loading_refusals():
   folder = str(FIXTURES / "llama3")
   _one_line_error(lambda: models.load(folder, rank=8, targets=r"no_such_proj/kernel$"),
                   "'no_such_proj/kernel$'", "matched no")
-  _one_line_error(lambda: models.load(folder, rank=8, init="random"), "needs key")
+  _one_line_error(lambda: models.load(folder, init="random"), "init= melds", "pass rank=")
+  _one_line_error(lambda: models.load(folder, rank=8, reset="some"), "reset must be one of")
 
 
 def test_folder_without_config_is_one_line_error(tmp_path):

@@ -79,7 +79,7 @@ def test_split_merge_and_only_delta_is_differentiable():
 def test_loss_falls_with_nnx_jit_and_optimizer():
   model = Tiny(nnx.Rngs(0))
   fnnx.meld(model, rank=16)
-  opt = fnnx.Optimizer(model, optax.adam(1e-1))
+  opt = fnnx.Optimizer(model, optax.adam(1e-1), falqon_jax.REFERENCE)
   ids = _ids(1)
   q0 = np.asarray(model.layers[0].kernel.get_value().qweight, np.float32)
   head0 = np.asarray(model.lm_head.kernel[...])
@@ -102,7 +102,7 @@ def test_bad_input():
   with pytest.raises(ValueError, match="matched no nnx.Linear"):
     fnnx.meld(Tiny(nnx.Rngs(0)), rank=16, targets=r"nothing_here")
   with pytest.raises(ValueError, match="no MeldedLinear"):
-    fnnx.Optimizer(Tiny(nnx.Rngs(0)), optax.adam(1e-3))
+    fnnx.Optimizer(Tiny(nnx.Rngs(0)), optax.adam(1e-3), falqon_jax.REFERENCE)
   with pytest.raises(TypeError, match="needs a MeldedKernel"):
     fnnx.MeldedLinear(jnp.ones((64, 64)))
 

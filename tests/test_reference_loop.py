@@ -48,7 +48,7 @@ def test_ten_steps_match_an_independent_reference_loop():
               (rng.standard_normal((N, OUT)) * 0.1).astype(np.float32)) for _ in range(STEPS)]
 
   # falqon_jax, in one jitted step.
-  tx = falqon_jax.proxy_update(optax.sgd(LR))
+  tx = falqon_jax.proxy_update(optax.sgd(LR), falqon_jax.REFERENCE)
   params = {"w": mk}
   state = tx.init(params)
 

@@ -23,7 +23,7 @@ def setup():
   model, params = models.split(lm)
   # SGD: after Adam's first step every |B_ij| is about lr, so row norms tie and the
   # top-k choice would follow last-bit summation differences between the paths.
-  tx = falqon_jax.proxy_update(optax.sgd(0.5), top_k=4, reset="merged")
+  tx = falqon_jax.proxy_update(optax.sgd(0.5), falqon_jax.REFERENCE, top_k=4, reset="merged")
   batches = [train.example_batch(jax.random.key(10 + i), batch_size=BATCH, seq_len=SEQ,
                                  vocab=256) for i in range(STEPS)]
   return model, params, tx, batches

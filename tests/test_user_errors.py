@@ -82,7 +82,8 @@ CORE_CASES = {
         lambda: falqon_jax.proxy_update(optax.adam(1e-3), top_k=64).init(_melded()),
         "top_k=64 exceeds the 32 rows"),
     "warmup_steps": (
-        lambda: falqon_jax.proxy_update(optax.adam(1e-3), warmup_steps=-1), "warmup_steps"),
+        lambda: falqon_jax.proxy_update(optax.adam(1e-3), topk_warmup_steps=-1),
+        "topk_warmup_steps must be"),
     "reset option": (
         lambda: falqon_jax.proxy_update(optax.adam(1e-3), reset="some"), "reset must be one of"),
     "rounding option": (

@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from falqon_jax import fp8
+from falqon_jax import _merge_math, fp8
 from falqon_jax._melded_kernel import is_int
+from falqon_jax._options import ROUNDINGS, SCALINGS
 from falqon_jax.errors import UserInputError
 from falqon_jax.kernels import _dispatch
 from falqon_jax.kernels._dispatch import IMPLEMENTATIONS, KernelUnavailableError
-from falqon_jax.kernels.row_merge import merge_pallas, merge_reference
+from falqon_jax.kernels.row_merge import merge_pallas
 from falqon_jax.kernels.fp8_quantize import quantize_pallas, quantize_reference
 
 __all__ = [
@@ -117,14 +118,23 @@ def quantize(
 
 
 def select_rows(delta: jax.Array, k: int) -> jax.Array:
-  """Indices of the ``k`` rows of ``delta`` with the largest L1 norm (``lax.top_k``, XLA)."""
-  from falqon_jax import _merge
+  """Indices of the ``k`` rows of ``delta`` with the largest L1 norm (``sum |B_ij|``).
 
+  Also ``falqon_jax.select_rows``. The top-k runs in XLA (``lax.top_k``).
+  """
   if not hasattr(delta, "ndim") or delta.ndim != 2:
     raise ValueError(f"delta must be a 2-D (out, rank) array, got {getattr(delta, 'shape', delta)}")
   if not is_int(k) or not 1 <= k <= delta.shape[0]:
     raise UserInputError(f"k must be an int in [1, rows] = [1, {delta.shape[0]}], got {k!r}")
-  return _merge.select_rows(delta, int(k))
+  return _merge_math.top_rows(delta, int(k))
+
+
+def check_rounding(rounding: str, key) -> None:
+  """``rounding`` is one of ``ROUNDINGS``, and ``"stochastic"`` comes with a ``key``."""
+  if rounding not in ROUNDINGS:
+    raise UserInputError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+  if rounding == "stochastic" and key is None:
+    raise UserInputError('rounding="stochastic" needs key=jax.random.key(...)')
 
 
 def _check_merge(qweight, scale, delta, rows, out_features, scaling, rounding, key, active):
@@ -146,8 +156,8 @@ def _check_merge(qweight, scale, delta, rows, out_features, scaling, rounding, k
     )
   if not jnp.issubdtype(delta.dtype, jnp.floating):
     raise TypeError(f"delta must be floating, got dtype {delta.dtype}")
-  if scaling not in ("tensor", "row"):
-    raise UserInputError(f"scaling must be 'tensor' or 'row', got {scaling!r}")
+  if scaling not in SCALINGS:
+    raise UserInputError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
   want = () if scaling == "tensor" else (qweight.shape[0],)
   if getattr(scale, "dtype", None) != jnp.float32 or tuple(scale.shape) != want:
     raise ValueError(
@@ -167,9 +177,7 @@ def _check_merge(qweight, scale, delta, rows, out_features, scaling, rounding, k
       raise ValueError(f"rows must lie in [0, {out_features}), got min {r.min()} max {r.max()}")
     if np.unique(r).size != r.size:
       raise ValueError("rows must be distinct (a row is merged at most once)")
-  from falqon_jax import _merge  # the core's own option checks (imported lazily: no cycle)
-
-  _merge.check_merge_options("all", rounding, key)
+  check_rounding(rounding, key)
   if active is not None and (
       getattr(active, "shape", ()) != () or not jnp.issubdtype(jnp.result_type(active), jnp.integer)
   ):
@@ -193,7 +201,7 @@ def merge_rows(
 ) -> tuple[jax.Array, jax.Array]:
   """Merges ``delta[rows]`` into those rows of the melded FP8 weight.
 
-  The same bits as ``_merge.compute_merged_rows`` then ``write_rows``: new rows
+  The same bits as ``_merge_math.merge_reference``: new rows
   ``e4m3(clamp(raw[rows] + delta[rows] @ raw_A, ±448))`` (tensor scaling) or the
   scale-shrinking row-scaled variant; every other row is untouched, and so is a selected
   row whose delta is not finite (NaN or Inf). Donate ``qweight`` to the enclosing
@@ -230,11 +238,24 @@ def merge_rows(
   if active is not None and not hasattr(active, "shape"):
     active = jnp.asarray(active)
   _check_merge(qweight, scale, delta, rows, out_features, scaling, rounding, key, active)
-  block_shape = _check_block_shape(block_shape)
+  return merge_rows_unchecked(
+      qweight, scale, delta, rows, out_features=int(out_features), scaling=scaling,
+      rounding=rounding, key=key, active=active, implementation=implementation,
+      interpret=interpret, block_shape=_check_block_shape(block_shape),
+  )
+
+
+def merge_rows_unchecked(
+    qweight, scale, delta, rows, *, out_features: int, scaling: str, rounding: str,
+    key=None, active=None, implementation: _dispatch.Implementation = "xla",
+    interpret: Optional[bool] = None, block_shape: Optional[tuple[int, int]] = None,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`merge_rows` on inputs that its caller has checked (``merge_top_k`` and
+  ``proxy_update`` check theirs once, at their own entry)."""
   interp = _dispatch.resolve_interpret(interpret)
-  opts = dict(out_features=int(out_features), scaling=scaling, rounding=rounding)
+  opts = dict(out_features=out_features, scaling=scaling, rounding=rounding)
   impls = {
-      "xla": functools.partial(merge_reference, **opts),
+      "xla": functools.partial(_merge_math.merge_reference, **opts),
       "pallas": functools.partial(
           merge_pallas, **opts, block_shape=block_shape, interpret=interp
       ),

@@ -14,14 +14,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable
 
 import jax
 
-from falqon_jax.errors import UserInputError
-
-IMPLEMENTATIONS = ("xla", "pallas")
-Implementation = Union[str, Sequence[str]]
+from falqon_jax._options import IMPLEMENTATIONS, Implementation, check_implementation  # noqa: F401
 
 
 class KernelUnavailableError(RuntimeError):
@@ -35,13 +32,8 @@ class KernelUnavailableError(RuntimeError):
 
 def normalize(implementation: Implementation) -> tuple[str, ...]:
   """Validates ``implementation`` and returns it as a non-empty tuple of names."""
-  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
-  if not names:
-    raise UserInputError(f"implementation must name at least one of {IMPLEMENTATIONS}")
-  for n in names:
-    if n not in IMPLEMENTATIONS:
-      raise UserInputError(f"implementation must be one of {IMPLEMENTATIONS}, got {n!r}")
-  return names
+  names = check_implementation(implementation)
+  return (names,) if isinstance(names, str) else names
 
 
 def resolve_interpret(interpret) -> bool:

@@ -30,7 +30,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from falqon_jax import fp8
 from falqon_jax.kernels import _pallas
@@ -86,7 +85,7 @@ def _scale_kernel(x_ref, s_ref, q_ref, *, m, n, fmt, per_row):
     s = _pallas.load(s_ref, _pallas.iota2((bm, 1), 0, i * bm) < m)
   else:
     s = s_ref[...]
-  _pallas.store(q_ref, _cast(x, s, fmt), mask)
+  _pallas.store(q_ref, fp8.quantize(x, s, fmt), mask)
 
 
 def _fused_row_kernel(x_ref, q_ref, s_ref, *, m, n, fmt, interpret):
@@ -95,19 +94,9 @@ def _fused_row_kernel(x_ref, q_ref, s_ref, *, m, n, fmt, interpret):
   mask = _block_mask(i, 0, bm, bn, m, n)
   x = _pallas.load(x_ref, mask)
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True)
-  # fp8.scale_from_amax, spelled out so the division is the correctly rounded one.
-  tiny = np.float32(fmt.max / fp8.AMAX_EPS)
-  s = jnp.where(
-      amax <= np.float32(fp8.AMAX_EPS), tiny,
-      _pallas.div_rn(jnp.full(amax.shape, fmt.max, jnp.float32), amax, interpret=interpret),
-  )
-  _pallas.store(q_ref, _cast(x, s, fmt), mask)
+  s = fp8.scale_from_amax(amax, fmt, div=functools.partial(_pallas.div_rn, interpret=interpret))
+  _pallas.store(q_ref, fp8.quantize(x, s, fmt), mask)
   _pallas.store(s_ref, s, _pallas.iota2((bm, 1), 0, i * bm) < m)
-
-
-def _cast(x, s, fmt):
-  scaled = x.astype(jnp.float32) * s
-  return jnp.clip(scaled, -fmt.max, fmt.max).astype(fmt.dtype)
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, *, interpret, num_warps):

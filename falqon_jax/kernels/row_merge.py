@@ -1,20 +1,21 @@
 """The in-place row merge: new FP8 rows for the selected rows, written where they are.
 
-``merge_reference`` is the oracle: ``_merge.compute_merged_rows`` then ``write_rows``
-(and, with row scaling, the new row scales). ``merge_pallas`` reproduces it: the same
-bytes wherever the two programs compute the f32 update with the same bits (a last-bit
-difference can move an element by one e4m3 step):
+The merge's math is ``falqon_jax._merge_math``, run here on the blocks the kernel loads;
+this file holds only what is Pallas-specific: the grid, the blocks and their masks, the
+in-place write through ``input_output_aliases``, and the two sweeps row scaling needs.
+``merge_pallas`` gives the bytes of ``_merge_math.merge_reference`` wherever the two
+programs compute the f32 update with the same bits (a last-bit difference can move an
+element by one e4m3 step):
 
-* XLA computes the small update ``delta[rows] @ raw_A`` (k x rank x in MACs), written
-  exactly as the reference writes it. An f32 dot's summation order depends on its shapes
-  (on CPU, a (k, r) x (r, 32) block gives different bits from the same columns of a
-  (k, r) x (r, in) product), so a blocked in-kernel dot could not match the oracle;
-* the kernel gathers the k raw rows, adds the update, (row scaling) takes each row's amax
-  and shrinks its scale instead of clipping, rounds to nearest or stochastically (hashing
-  the reference's counter-based uniforms in registers, ``fp8.hash_uniform``, so nothing
-  random is read from memory), and stores the rows into ``qweight``
-  in place through ``input_output_aliases``. No other byte is read or written, nor are
-  the rows ``_merge.live_rows`` drops (a non-finite delta, or past ``active``).
+* XLA computes the small update (``_merge_math.row_update``, k x rank x in MACs) as the
+  reference does: an f32 dot's summation order depends on its shapes (on CPU, a (k, r) x
+  (r, 32) block gives different bits from the same columns of a (k, r) x (r, in)
+  product), so a blocked in-kernel dot could not match;
+* the kernel gathers the k raw rows, adds the update, (row scaling) shrinks a saturating
+  row's scale, rounds (``_merge_math.round_rows``, hashing the stochastic uniforms in
+  registers, so nothing random is read from memory), and stores the rows into ``qweight``
+  in place. No other byte is read or written, nor are the rows ``live_rows`` drops (a
+  non-finite delta, or past ``active``).
 
 Row selection (top-k of the row L1 norms) stays in XLA: no Pallas GPU backend lowers
 ``top_k``, and at k <= 64 over a few thousand rows it is a negligible kernel.
@@ -42,42 +43,14 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from falqon_jax import _merge, fp8
+from falqon_jax import _merge_math, fp8
+from falqon_jax._merge_math import merge_reference  # the oracle, beside its twin
 from falqon_jax.kernels import _pallas
 from falqon_jax.kernels._pallas import pl
 
-FMT = fp8.E4M3
-
-
-def merge_reference(
-    qweight, scale, delta, rows, key=None, active=None, *,
-    out_features: int, scaling: str = "tensor", rounding: str = "nearest",
-) -> tuple[jax.Array, jax.Array]:
-  """``(qweight with the k rows rewritten, scale)``, via the core's plain-jnp merge."""
-  new_rows, new_row_scale = _merge.compute_merged_rows(
-      qweight, scale, delta, rows, out_features=out_features, scaling=scaling,
-      rounding=rounding, key=key, active=active,
-  )
-  qweight = _merge.write_rows(qweight, rows, new_rows)
-  if scaling == "row":
-    scale = scale.at[rows].set(new_row_scale, unique_indices=True)
-  return qweight, scale
-
-
-def _update(qweight, scale, delta, rows, live, out_features, scaling):
-  """The f32 ``(k, in)`` update, with the same ops as ``compute_merged_rows``; zero for
-  dropped rows, so that no NaN reaches the kernel (a row-scaled row's amax included)."""
-  bits = fp8._bitcast(qweight, jnp.uint8)
-  raw_a = fp8._bitcast(bits[out_features:], qweight.dtype).astype(jnp.float32)
-  d_rows = jnp.where(live[:, None], delta[rows].astype(jnp.float32), 0.0)
-  hi = _merge.MERGE_PRECISION
-  if scaling == "row":
-    a_values = raw_a / scale[out_features:, None]
-    return scale[rows][:, None] * jnp.dot(d_rows, a_values, precision=hi)
-  return jnp.dot(d_rows, raw_a, precision=hi)
+__all__ = ["default_block_shape", "merge_pallas", "merge_reference"]
 
 
 def default_block_shape(k: int, n: int, scaling: str) -> tuple[int, int]:
@@ -85,25 +58,6 @@ def default_block_shape(k: int, n: int, scaling: str) -> tuple[int, int]:
   if scaling == "row":  # one program per row block loops over the columns twice
     return min(_pallas.next_pow2(k), 4), min(_pallas.next_pow2(n), 1024)
   return min(_pallas.next_pow2(k), 8), min(_pallas.next_pow2(n), 512)
-
-
-def _round_stochastic(v, u, interpret):
-  """``fp8.quantize_stochastic`` given its uniforms ``u`` (same bits, e4m3)."""
-  v = jnp.clip(v, -FMT.max, FMT.max)
-  mag = jnp.abs(v)
-  as_bits = lambda x: lax.bitcast_convert_type(x, jnp.uint8)
-  as_val = lambda b: lax.bitcast_convert_type(b, FMT.dtype).astype(jnp.float32)
-  near = as_bits(mag.astype(FMT.dtype))
-  lo = jnp.where(as_val(near) > mag, near - 1, near).astype(jnp.uint8)
-  top = int(np.array(FMT.max, FMT.dtype).view(np.uint8))
-  hi = jnp.minimum(lo + 1, top).astype(jnp.uint8)
-  lo_val, hi_val = as_val(lo), as_val(hi)
-  gap = hi_val - lo_val
-  safe_gap = jnp.where(gap > 0, gap, 1.0)
-  p_up = jnp.where(gap > 0, _pallas.div_rn(mag - lo_val, safe_gap, interpret=interpret), 0.0)
-  code = jnp.where(u < p_up, hi, lo)
-  sign = jnp.where(jnp.signbit(v), jnp.uint8(0x80), jnp.uint8(0))
-  return lax.bitcast_convert_type(code | sign, FMT.dtype)
 
 
 def _merge_kernel(live_ref, rows_ref, upd_ref, seed_ref, rs_ref, q_in_ref, q_ref, ns_ref, *,
@@ -115,6 +69,7 @@ def _merge_kernel(live_ref, rows_ref, upd_ref, seed_ref, rs_ref, q_in_ref, q_ref
   row_ok = _pallas.iota2((kb, 1), 0, i * kb) < k
   rows = rows_ref[...][:, None]  # padded to the block: in bounds, pads point past the end
   sel = _pallas.iota2((kb, bn), 0, i * kb)  # position among the k selected rows
+  div = functools.partial(_pallas.div_rn, interpret=interpret)
 
   def chunk(c0):
     cols = _pallas.iota2((kb, bn), 1, c0)
@@ -127,11 +82,8 @@ def _merge_kernel(live_ref, rows_ref, upd_ref, seed_ref, rs_ref, q_in_ref, q_ref
     v, qrows, cols, mask = chunk(c0)
     if shrink is not None:
       v = v * shrink
-    if stochastic:  # the reference's uniforms, hashed here from each element's position
-      u = fp8.hash_uniform(seed_ref[0], seed_ref[1], _merge.merge_counters(qrows, cols, n))
-      new = _round_stochastic(v, u, interpret)
-    else:
-      new = jnp.clip(v, -FMT.max, FMT.max).astype(FMT.dtype)
+    seed = (seed_ref[0], seed_ref[1]) if stochastic else None
+    new = _merge_math.round_rows(v, qrows, cols, n, seed, div=div)
     _pallas.store(q_ref.at[qrows, cols], new, mask & live)
 
   if not row_scaling:
@@ -145,8 +97,7 @@ def _merge_kernel(live_ref, rows_ref, upd_ref, seed_ref, rs_ref, q_in_ref, q_ref
     return jnp.maximum(acc, jnp.max(jnp.where(mask, jnp.abs(v), 0.0), axis=1, keepdims=True))
 
   amax = lax.fori_loop(0, num_chunks, amax_body, jnp.zeros((kb, 1), jnp.float32))
-  ratio = _pallas.div_rn(jnp.full((kb, 1), FMT.max, jnp.float32), amax, interpret=interpret)
-  shrink = jnp.where(amax > FMT.max, ratio, 1.0)
+  shrink = _merge_math.shrink_factor(amax, div)
 
   def write_body(c, carry):
     write(c * bn, shrink)
@@ -176,8 +127,11 @@ def merge_pallas(
   kb, bn = block_shape or default_block_shape(k, n, scaling)
   row_scaling, stochastic = scaling == "row", rounding == "stochastic"
   rows = rows.astype(jnp.int32)
-  live = _merge.live_rows(delta[rows], active)
-  upd = _update(qweight, scale, delta, rows, live, out_features, scaling)
+  live = _merge_math.live_rows(delta[rows], active)
+  # Zero for dropped rows, so that no NaN reaches the kernel (a row-scaled amax included).
+  d_rows = jnp.where(live[:, None], delta[rows].astype(jnp.float32), 0.0)
+  upd = _merge_math.row_update(qweight, scale, d_rows, rows, out_features=out_features,
+                               scaling=scaling)
   # The seed of the reference's counter-based uniforms: the kernel hashes its own.
   seed = fp8.stochastic_seed(key) if stochastic else jnp.zeros((2,), jnp.uint32)
   gk = pl.cdiv(k, kb)

@@ -6,12 +6,14 @@ import json
 import os
 from typing import NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from falqon_jax import nnx as fnnx
 from falqon_jax._meld import MeldedLayer, MeldReport, _matcher, meld_leaf
+from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
 from falqon_jax import _safetensors as st
@@ -101,8 +103,9 @@ def _fp8_kernel(q: np.ndarray, weight_scale, transposed: bool) -> MeldedKernel:
                       out_features=out_f, rank=0)
 
 
-def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=None,
-         attention: str = "xla", **meld_kwargs) -> Loaded:
+def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None,
+         options: FalqonOptions = RECOMMENDED, targets=None, attention: str = "xla",
+         key: Optional[jax.Array] = None, **overrides) -> Loaded:
   """Loads a local HF causal-LM folder without torch or transformers' model classes.
 
   Weights come from ``model.safetensors`` or the shards a ``model.safetensors.index.json``
@@ -112,8 +115,10 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=
 
   With ``rank``, each targeted projection is melded as soon as its tensor is read, so the
   full-precision model never sits in memory whole; the result equals loading and then
-  :func:`falqon_jax.nnx.meld` with the same ``targets`` / ``init`` / ``key`` /
-  ``scaling`` (each layer folds its own index into ``key``). A folder written by
+  :func:`falqon_jax.nnx.meld` with the same ``rank`` / ``options`` (default
+  :data:`~falqon_jax.RECOMMENDED`) / ``targets`` / ``key`` and option overrides such as
+  ``init`` (each layer folds its own index into ``key``, default
+  ``jax.random.key(options.seed)``). Without ``rank`` nothing is melded. A folder written by
   :func:`falqon_jax.export.save_fp8` loads its FP8 weights as rank-0 melded layers (the A
   rows were dropped: for inference and export). ``attention`` is :class:`CausalLM`'s.
 
@@ -138,10 +143,12 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=
     if fp8:
       raise UserInputError(f"{folder} is an FP8 export (its A rows were dropped); fine-tune"
                            " the base model or a bf16 export, or load this one without rank")
-    if meld_kwargs.get("init") == "random" and meld_kwargs.get("key") is None:
-      raise UserInputError('init="random" needs key=jax.random.key(...)')
+    options = resolve(options, {**overrides, "rank": rank})
     plan = {tuple(path): (linear, index)
             for path, linear, index in fnnx.meld_plan(model, match, targets)}
+  elif overrides:
+    raise UserInputError(f"models.load: {sorted(overrides)[0]}= melds; pass rank= too, or"
+                         " drop it to load without melding")
   want = {}
   for path, var in nnx.iter_graph(model):
     if isinstance(var, nnx.Variable):
@@ -150,19 +157,19 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=
   filled, melded, skipped, scales, fp8_weights = set(), {}, {}, {}, {}
   for file in _weight_files(folder):
     for name, arr in st.iter_tensors(file):
-      key = name.removeprefix("transformer.") if cfg.model_type == "gpt2" else name
-      if fp8 and key.endswith((".weight_scale", ".input_scale")):
-        if key.endswith(".weight_scale"):
-          scales[key.removesuffix("_scale")] = np.array(arr)
+      tensor = name.removeprefix("transformer.") if cfg.model_type == "gpt2" else name
+      if fp8 and tensor.endswith((".weight_scale", ".input_scale")):
+        if tensor.endswith(".weight_scale"):
+          scales[tensor.removesuffix("_scale")] = np.array(arr)
         continue
-      if key not in want:
-        if key.endswith(_IGNORED) or (cfg.tie_embeddings and key == "lm_head.weight"):
+      if tensor not in want:
+        if tensor.endswith(_IGNORED) or (cfg.tie_embeddings and tensor == "lm_head.weight"):
           continue
         raise UserInputError(
             f"{file}: unexpected tensor {name!r} for this config.json; the checkpoint and"
             " config do not match"
         )
-      path, var, transposed = want[key]
+      path, var, transposed = want[tensor]
       shape = tuple(var.get_value().shape)
       hf_shape = shape[::-1] if transposed else shape
       if tuple(arr.shape) != hf_shape:
@@ -170,17 +177,17 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=
             f"{file}: tensor {name!r} has shape {tuple(arr.shape)}, config.json implies"
             f" {hf_shape}; the checkpoint and config do not match"
         )
-      filled.add(key)
+      filled.add(tensor)
       if arr.dtype == st.DTYPES["F8_E4M3"]:
-        fp8_weights[key] = (path, np.array(arr), transposed)
+        fp8_weights[tensor] = (path, np.array(arr), transposed)
         continue
       value = np.asarray(arr)
       value = jnp.asarray(value.T if transposed else value, dtype=dtype)
       linear_path = path[:-1]
       if path[-1] == "kernel" and linear_path in plan:
         linear, index = plan[linear_path]
-        mk, entry = meld_leaf("/".join(map(str, path)), value, index, rank, match,
-                              **meld_kwargs)
+        mk, entry = meld_leaf("/".join(map(str, path)), value, index, options, match,
+                              key=key)
         if isinstance(entry, MeldedLayer):
           melded[linear_path] = (mk, entry)
           continue
@@ -193,12 +200,12 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None, targets=
         f"{folder}: checkpoint has no tensor {missing[0]!r} ({len(missing)} missing); the"
         " checkpoint and config do not match"
     )
-  for key, (path, q, transposed) in fp8_weights.items():
-    if key not in scales:
-      raise UserInputError(f"{folder}: FP8 tensor {key!r} has no {key}_scale; re-export it")
+  for tensor, (path, q, transposed) in fp8_weights.items():
+    if tensor not in scales:
+      raise UserInputError(f"{folder}: FP8 tensor {tensor!r} has no {tensor}_scale; re-export it")
     # GPT-2's Conv1D weights are stored (in, out): the transpose of torch's Linear layout.
     linear = _module(model, path[:-1])
-    fnnx.swap_in(model, path[:-1], linear, _fp8_kernel(q, scales[key], not transposed))
+    fnnx.swap_in(model, path[:-1], linear, _fp8_kernel(q, scales[tensor], not transposed))
   for linear_path, (mk, _) in melded.items():
     fnnx.swap_in(model, linear_path, plan[linear_path][0], mk)
   report = None
