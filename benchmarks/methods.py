@@ -60,6 +60,7 @@ from flax import nnx
 from jax import lax
 
 import falqon_jax
+from falqon_jax import _melded_dense as _md
 from falqon_jax import fp8, models, train
 from falqon_jax import nnx as fnnx
 
@@ -172,15 +173,11 @@ def trainable_fields(state) -> tuple[str, ...]:
 
 
 def _quantize(x, fmt):
-  """Dynamic per-tensor scale and saturating cast (falqon_jax.fp8 numerics)."""
-  scale = fp8.compute_scale(x, fmt)
-  return fp8.quantize(x, scale, fmt), scale
+  """Dynamic per-tensor scale and saturating cast: the library's own (melded_dense's)."""
+  return _md._quantize(x, fmt, "xla")
 
 
-def _fp8_tn(a, b, inv_scale, precision, out_dtype):
-  """``(a @ b.T) * inv_scale`` on fp8 operands: the pattern XLA maps to cuBLASLt FP8."""
-  acc = lax.dot_general(a, b, _TN, precision=precision, preferred_element_type=jnp.float32)
-  return (acc * inv_scale).astype(out_dtype)
+_fp8_tn = _md._fp8_gemm  # (a @ b.T) * inv_scale on fp8 operands: the library's FP8 GEMM
 
 
 # fp8-base-lora: frozen FP8 weight; dx in FP8; no weight gradient; nothing saved but
