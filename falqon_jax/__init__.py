@@ -14,6 +14,7 @@ from falqon_jax._melded_dense import dense, melded_dense
 from falqon_jax._melded_kernel import MeldedKernel, is_melded, meld_kernel
 from falqon_jax._options import RECOMMENDED, REFERENCE, FalqonOptions
 from falqon_jax._merge import merge_top_k, rounding_residual, select_rows
+from falqon_jax._merge_step import MergeState, delta_only, merge, merge_init
 from falqon_jax._proxy_update import (
     MeldedUpdate,
     ProxyUpdateState,
@@ -49,5 +50,9 @@ __all__ = [
     "proxy_update",
     "apply_updates",
     "delta_tree",
+    "delta_only",
+    "merge",
+    "merge_init",
+    "MergeState",
     "UserInputError",
 ]

@@ -8,7 +8,9 @@ its top-k rows into the FP8 backbone and resets its ΔBuffer.
 Because the merge rewrites FP8 bytes, the updates this transformation emits for a melded
 kernel are *new values* (a :class:`MeldedUpdate`), not increments. Apply them with
 :func:`falqon_jax.apply_updates`; ``optax.apply_updates`` refuses them with a tree
-structure error instead of silently adding FP8 bytes.
+structure error instead of silently adding FP8 bytes. The merge is
+:func:`falqon_jax.merge`'s; trainers that apply updates with ``optax.apply_updates`` use
+:func:`falqon_jax.delta_only` and :func:`falqon_jax.merge` instead of this wrapper.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 import optax
 
-from falqon_jax._melded_kernel import MeldedKernel, is_int, is_melded
-from falqon_jax._merge import merge_rows
+from falqon_jax._melded_kernel import is_int, is_melded
+from falqon_jax._merge_step import check_params, default_key, delta_tree, merge_kernels
 from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
 from falqon_jax.errors import UserInputError
 
@@ -103,21 +105,6 @@ def _apply_if_finite(inner: optax.GradientTransformation) -> optax.GradientTrans
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def delta_tree(tree):
-  """The tree with each melded kernel replaced by its delta, other leaves masked out.
-
-  This is the tree the inner optimizer sees. Works on params and on the gradients that
-  ``jax.grad`` returns for them (which have the same ``MeldedKernel`` nodes).
-  """
-  return jax.tree_util.tree_map(
-      lambda x: x.delta if is_melded(x) else optax.MaskedNode(), tree, is_leaf=is_melded
-  )
-
-
-def _melded_kernels(params) -> list[MeldedKernel]:
-  return [x for x in jax.tree_util.tree_leaves(params, is_leaf=is_melded) if is_melded(x)]
-
-
 def proxy_update(
     inner: optax.GradientTransformation,
     options: FalqonOptions = RECOMMENDED,
@@ -176,10 +163,7 @@ def proxy_update(
     1
   """
   options = resolve(options, overrides)
-  top_k, warmup_steps = options.top_k, options.topk_warmup_steps
-  reset, rounding, implementation = options.reset, options.rounding, options.implementation
-  if key is None and rounding == "stochastic":
-    key = jax.random.key(options.seed)
+  key = default_key(options, key)
   if not is_int(accumulation_steps) or accumulation_steps < 1:
     raise UserInputError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
   accumulation_steps = int(accumulation_steps)  # a Python int for optax
@@ -194,30 +178,8 @@ def proxy_update(
       return finite
     return finite & (new_inner.inner_state.gradient_step > old_inner.inner_state.gradient_step)
 
-  def plan(mk: MeldedKernel, count: jax.Array):
-    """Static k for the top-k, and the traced number of rows that really merge."""
-    if top_k is None:
-      return mk.rank, None
-    k = mk.out_features if top_k == "all" else top_k
-    if k > mk.out_features:
-      raise UserInputError(
-          f"top_k={top_k} exceeds the {mk.out_features} rows of a melded kernel of"
-          f' shape {mk.shape}; use top_k <= {mk.out_features}, or top_k="all"'
-      )
-    if warmup_steps == 0:
-      return k, None
-    k_static = min(max(k, mk.rank), mk.out_features)
-    return k_static, jnp.where(count < warmup_steps, mk.rank, k)
-
   def init(params):
-    kernels = _melded_kernels(params)
-    if not kernels:
-      raise UserInputError(
-          "params holds no MeldedKernel: meld it first, e.g."
-          " params, report = falqon_jax.meld(params, rank=64)"
-      )
-    for mk in kernels:
-      plan(mk, jnp.zeros([], jnp.int32))  # validates top_k against every kernel
+    check_params(params, options)
     return ProxyUpdateState(
         inner_state=guarded.init(delta_tree(params)),
         count=jnp.zeros([], jnp.int32),
@@ -233,25 +195,16 @@ def proxy_update(
         delta_tree(grads), state.inner_state, delta_tree(params), **extra_args
     )
     applied = stepped(state.inner_state, inner_state)
-    step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
-    counter = iter(range(1 << 30))
-
-    def step(p, u):
-      if not is_melded(p):
-        return jnp.zeros_like(p)
-      index = next(counter)
-      k, active = plan(p, state.count)
-      # Gate on finiteness: a skipped step merges nothing and resets nothing.
-      active = jnp.where(applied, k if active is None else active, 0)
-      layer_key = None if step_key is None else jax.random.fold_in(step_key, index)
-      merged = merge_rows(
-          p.replace(delta=p.delta + u.astype(p.delta.dtype)), k,
-          reset=reset, rounding=rounding, key=layer_key, active=active,
-          implementation=implementation,
-      )
-      return MeldedUpdate(merged.qweight, merged.scale, merged.delta)
-
-    updates = jax.tree_util.tree_map(step, params, delta_updates, is_leaf=is_melded)
+    stepped_params = jax.tree_util.tree_map(
+        lambda p, u: p.replace(delta=p.delta + u.astype(p.delta.dtype)) if is_melded(p) else p,
+        params, delta_updates, is_leaf=is_melded,
+    )
+    # Gated on `applied`: a skipped step merges nothing and resets nothing.
+    merged = merge_kernels(stepped_params, options, state.count, state.key, applied)
+    updates = jax.tree_util.tree_map(
+        lambda m: MeldedUpdate(m.qweight, m.scale, m.delta) if is_melded(m) else jnp.zeros_like(m),
+        merged, is_leaf=is_melded,
+    )
     new_state = ProxyUpdateState(
         inner_state=inner_state,
         count=state.count + applied.astype(jnp.int32),
