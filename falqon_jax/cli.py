@@ -153,10 +153,25 @@ def _export(args) -> None:
   from falqon_jax import export
 
   _check_export_folder(args.folder, args.out)  # before the (slow) model load
-  model, params, tokenizer, _ = load_for_inference(args.folder)
+  model, params, _, cfg = load_for_inference(args.folder)
+  tokenizer = _tokenizer_folder(args.folder, cfg)
   save = export.save_fp8 if args.format == "fp8" else export.save_bf16
-  path = save(args.out, model, params, overwrite=args.overwrite)
-  print(f"wrote {args.format} model to {path}")
+  path = save(args.out, model, params, tokenizer=tokenizer, overwrite=args.overwrite)
+  with_tokenizer = (f"with the tokenizer of {tokenizer}" if tokenizer else
+                    "without tokenizer files (the byte tokenizer has none)")
+  print(f"wrote {args.format} model to {path}, {with_tokenizer}")
+
+
+def _tokenizer_folder(folder: str, cfg) -> Optional[str]:
+  """The folder whose tokenizer files an export of ``folder`` copies, or None (bytes).
+
+  An HF folder's own; a run's ``tokenizer`` folder, else its model folder's.
+  """
+  candidates = [folder] if cfg is None else [cfg.tokenizer, cfg.model]
+  for c in candidates:
+    if c and os.path.isdir(c) and _has_tokenizer(c):
+      return c
+  return None
 
 
 def build_parser() -> argparse.ArgumentParser:

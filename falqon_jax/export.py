@@ -219,9 +219,9 @@ def _write_tokenizer(tmp: str, tokenizer):
 def _config_dict(cfg: models.ModelConfig, dtype_name: str,
                  quantization: Optional[dict]) -> dict:
   config = cfg.to_hf()
+  # transformers 5 reads "dtype" first; 4.x reads "torch_dtype": both, never contradicting.
   config["torch_dtype"] = dtype_name
-  if "dtype" in config:  # transformers 5's key for the same thing: must not contradict it
-    config["dtype"] = dtype_name
+  config["dtype"] = dtype_name
   config.pop("quantization_config", None)
   if quantization is not None:
     config["quantization_config"] = quantization

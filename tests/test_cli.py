@@ -375,3 +375,25 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
   assert cli.main(["finetune", "--model", folder, "--tokenizer", "byte", "--output_dir",
                    str(tmp_path / "run"), *TINY]) == 2
   assert "silently clamped" in capsys.readouterr().err
+
+
+def test_export_copies_the_tokenizer_and_writes_both_dtype_keys(tmp_path, capsys):
+  from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+  from falqon_jax import export
+
+  src = str(tmp_path / "hf")
+  export.save_bf16(src, *tiny_models.functional("llama", num_hidden_layers=1, rank=16))
+  vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "copy", "abc", ":"])}
+  tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(os.path.join(src, "tokenizer.json"))
+  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+       "unk_token": "<unk>"}))
+  out = tmp_path / "out"
+  assert cli.main(["export", src, str(out), "--format", "bf16"]) == 0
+  assert f"with the tokenizer of {src}" in capsys.readouterr().out
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    assert (out / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+  config = json.loads((out / "config.json").read_text())
+  assert config["dtype"] == config["torch_dtype"] == "bfloat16"
