@@ -14,6 +14,7 @@ from falqon_jax._melded_kernel import (
     check_kernel,
     check_rank,
     is_melded,
+    meld_group,
     meld_kernel,
 )
 from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
@@ -27,6 +28,9 @@ DEFAULT_EXCLUDE = re.compile(
 """Path components the default targets never meld: embeddings and the LM head."""
 
 _GEMM_MULTIPLE = 16  # FP8 GEMMs need both kernel dims to be multiples of 16
+
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling projections that vLLM fuses into one GEMM (``qkv_proj``, ``gate_up_proj``)."""
 
 
 def path_str(path) -> str:
@@ -129,12 +133,23 @@ def meld_leaf(path: str, leaf, index: int, options: FalqonOptions, match=None, *
   tensor, so a model melds while it loads, with the same per-layer keys as melding the
   loaded tree.
   """
+  entry = meld_check(path, leaf, options, match)
+  if not isinstance(entry, MeldedLayer):
+    return leaf, entry
+  key = jax.random.key(options.seed) if key is None else key
+  new = meld_kernel(leaf, options=options, key=jax.random.fold_in(key, index), name=path)
+  return new, entry
+
+
+def meld_check(path: str, leaf, options: FalqonOptions, match=None):
+  """What :func:`meld_leaf` would do with ``leaf``: a :class:`MeldedLayer` to meld it, a
+  :class:`SkippedLeaf`, or None for a leaf explicit targets leave out."""
   shape = tuple(getattr(leaf, "shape", ()))
   if isinstance(leaf, MeldedKernel):
-    return leaf, SkippedLeaf(path, leaf.shape, "already melded")
+    return SkippedLeaf(path, leaf.shape, "already melded")
   if match is not None:
     if not match(path, leaf):
-      return leaf, None
+      return None
     kernel = check_kernel(leaf, f"targeted leaf {path!r}")
     if any(d % _GEMM_MULTIPLE for d in kernel.shape):
       raise UserInputError(
@@ -144,11 +159,62 @@ def meld_leaf(path: str, leaf, index: int, options: FalqonOptions, match=None, *
   else:
     reason = _default_reason(path, leaf)
     if reason is not None:
-      return leaf, SkippedLeaf(path, shape, reason)
+      return SkippedLeaf(path, shape, reason)
   rank = check_rank(options.rank, shape[0], shape[1], f"kernel {path!r}")  # a Python int
+  return MeldedLayer(path, shape, rank)
+
+
+def _targeted(path: str, leaf, match) -> bool:
+  """Whether :func:`meld_check` melds ``leaf``, from its shape and dtype alone."""
+  if isinstance(leaf, MeldedKernel):
+    return False
+  if match is not None:
+    return bool(match(path, leaf))
+  return _default_reason(path, leaf) is None
+
+
+def fused_groups(linears: dict, match, options: FalqonOptions) -> dict:
+  """``{module path: its fused group's member paths}`` for each targeted group member.
+
+  ``linears`` maps every dense layer's module path (a tuple, e.g. ``('layers', 0,
+  'self_attn', 'q_proj')``) to its kernel (arrays or abstract shapes). With
+  ``options.fused_groups`` (and per-tensor scaling), targets that meld some but not all
+  members of a group (:data:`FUSED_GROUPS`) are refused here, before anything is melded;
+  without it, every layer is its own group.
+  """
+  kpath = lambda p: "/".join(map(str, p)) + "/kernel"
+  targeted = [p for p, leaf in linears.items() if _targeted(kpath(p), leaf, match)]
+  if not options.fused_groups or options.scaling != "tensor":
+    return {p: (p,) for p in targeted}
+  groups = {}
+  for p in targeted:
+    group = next((g for g in FUSED_GROUPS if p and str(p[-1]) in g), None)
+    members = (p,) if group is None else tuple(
+        p[:-1] + (m,) for m in group if p[:-1] + (m,) in linears)
+    missing = [m for m in members if m not in targeted]
+    if missing:
+      names = [str(m[-1]) for m in members]
+      regex = "(" + "|".join(n.removesuffix("_proj") for n in names) + ")_proj"
+      raise UserInputError(
+          f"targets meld {p[-1]} but not {', '.join(str(m[-1]) for m in missing)} of"
+          f" {'/'.join(map(str, p[:-1]))}; vLLM fuses {'/'.join(names)} into one FP8 GEMM:"
+          f" target the whole group (e.g. r\"{regex}\") or none of it")
+    groups[p] = members
+  return groups
+
+
+def meld_members(items, options: FalqonOptions, *, key: Optional[jax.Array] = None):
+  """Melds one fused group, ``[(path, leaf, index), ...]``, with one shared scale
+  (:func:`~falqon_jax._melded_kernel.meld_group`); ``[(new leaf, MeldedLayer), ...]``.
+
+  Each member's ``A`` is what :func:`meld_leaf` gives it at its ``index``.
+  """
+  entries = [meld_check(path, leaf, options, lambda *_: True) for path, leaf, _ in items]
   key = jax.random.key(options.seed) if key is None else key
-  new = meld_kernel(leaf, options=options, key=jax.random.fold_in(key, index), name=path)
-  return new, MeldedLayer(path, shape, rank)
+  new = meld_group([leaf for _, leaf, _ in items], options=options,
+                   keys=[jax.random.fold_in(key, index) for _, _, index in items],
+                   names=[path for path, _, _ in items])
+  return list(zip(new, entries))
 
 
 def meld(

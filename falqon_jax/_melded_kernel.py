@@ -151,9 +151,9 @@ def _random_lora_a(w: jax.Array, rank: int, key: jax.Array) -> jax.Array:
   return jnp.clip(a, jnp.min(wf), jnp.max(wf)).astype(w.dtype)
 
 
-def _meld(kernel, key, *, rank: int, init: str, scaling: str) -> MeldedKernel:
+def _stack(kernel, key, *, rank: int, init: str, scaling: str):
+  """``([W; A], its own scale)``: the unquantized melded weight, ``(out + rank, in)``."""
   w = kernel.T  # (out, in)
-  out_features, in_features = w.shape
   if init == "svd":
     a = _svd_lora_a(w, rank, scaling)
   else:
@@ -161,20 +161,31 @@ def _meld(kernel, key, *, rank: int, init: str, scaling: str) -> MeldedKernel:
   # cat([W, A]) promotes like torch.cat (bf16 W + f32 A -> f32); exact for the amax.
   dtype = jnp.promote_types(w.dtype, a.dtype)
   stacked = jnp.concatenate([w.astype(dtype), a.astype(dtype)], 0)
-  scale = _scale_of(stacked, scaling)
+  return stacked, _scale_of(stacked, scaling)
+
+
+def _quantize_stacked(stacked, scale, *, rank: int, scaling: str) -> MeldedKernel:
+  rows, in_features = stacked.shape
   qweight = fp8.quantize(stacked, _as_rows(scale, scaling), fp8.E4M3)
   return MeldedKernel(
       qweight=qweight,
       scale=scale,
-      delta=jnp.zeros((out_features, rank), jnp.float32),
+      delta=jnp.zeros((rows - rank, rank), jnp.float32),
       in_features=in_features,
-      out_features=out_features,
+      out_features=rows - rank,
       rank=rank,
       scaling=scaling,
   )
 
 
+def _meld(kernel, key, *, rank: int, init: str, scaling: str) -> MeldedKernel:
+  stacked, scale = _stack(kernel, key, rank=rank, init=init, scaling=scaling)
+  return _quantize_stacked(stacked, scale, rank=rank, scaling=scaling)
+
+
 _meld_jit = jax.jit(_meld, static_argnames=("rank", "init", "scaling"))
+_stack_jit = jax.jit(_stack, static_argnames=("rank", "init", "scaling"))
+_quantize_jit = jax.jit(_quantize_stacked, static_argnames=("rank", "scaling"))
 
 
 def meld_kernel(
@@ -215,3 +226,40 @@ def meld_kernel(
     # Unused by the SVD init, but one jitted signature either way.
     key = jax.random.key(options.seed)
   return _meld_jit(kernel, key, rank=rank, init=options.init, scaling=options.scaling)
+
+
+def meld_group(
+    kernels,
+    *,
+    options: FalqonOptions = RECOMMENDED,
+    keys=None,
+    names=None,
+) -> list[MeldedKernel]:
+  """Melds the kernels of one fused group (q/k/v, gate/up) with one shared scale.
+
+  Serving engines fuse such a group into one GEMM with one per-tensor scale (vLLM
+  requantizes every shard to the group's largest ``weight_scale``), so the trained bytes
+  survive only if the group already shares it. Each kernel gets its ``A`` as
+  :func:`meld_kernel` would; the shared scale is the smallest of the members' own
+  ``[W; A]`` scales (the largest amax), so no member saturates, and every member's
+  ``[W; A]`` is quantized with it. Merges never change a per-tensor scale, so the group
+  keeps sharing it through training. ``options`` are checked; ``scaling="row"`` needs no
+  sharing and melds each kernel alone. ``keys``: one per kernel (default
+  ``jax.random.key(options.seed)``).
+  """
+  kernels = list(kernels)
+  names = list(names) if names is not None else [f"kernel {i}" for i in range(len(kernels))]
+  if keys is None:
+    keys = [jax.random.key(options.seed)] * len(kernels)
+  checked = []
+  for kernel, name in zip(kernels, names):
+    kernel = check_kernel(kernel, name)
+    checked.append((kernel, check_rank(options.rank, *kernel.shape, name)))
+  if options.scaling != "tensor" or len(kernels) < 2:
+    return [_meld_jit(k, key, rank=r, init=options.init, scaling=options.scaling)
+            for (k, r), key in zip(checked, keys)]
+  stacks = [_stack_jit(k, key, rank=r, init=options.init, scaling=options.scaling)
+            for (k, r), key in zip(checked, keys)]
+  shared = jnp.min(jnp.stack([scale for _, scale in stacks]))
+  return [_quantize_jit(stacked, shared, rank=r, scaling=options.scaling)
+          for (stacked, _), (_, r) in zip(stacks, checked)]

@@ -78,6 +78,11 @@ class FalqonOptions:
     implementation: the merge's ``"xla"`` or ``"pallas"``, or a sequence tried in order.
     seed: with no explicit ``key``, random init and stochastic rounding use
       ``jax.random.key(seed)`` (each layer folds in its own index).
+    fused_groups: melding a ``falqon_jax.models`` model keeps the groups that serving
+      engines fuse into one GEMM (q/k/v and gate/up of a layer) whole: they share one
+      per-tensor scale, so vLLM serves the trained FP8 bytes unchanged, and targets that
+      meld part of a group are refused. False (the reference, which has no groups): every
+      kernel has its own scale.
   """
 
   rank: int = 64
@@ -89,6 +94,7 @@ class FalqonOptions:
   rounding: Rounding = "stochastic"
   implementation: Implementation = "xla"
   seed: int = 0
+  fused_groups: bool = True
 
   def __post_init__(self):
     if not _is_int(self.rank):
@@ -108,6 +114,8 @@ class FalqonOptions:
     # jax.random.key keeps 32 bits: 2**32 would silently repeat seed 0.
     if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
       raise UserInputError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+    if not isinstance(self.fused_groups, bool):
+      raise TypeError(f"fused_groups must be a bool, got {self.fused_groups!r}")
     # Python ints (static shapes, hashable), and a tuple for a sequence of implementations.
     set_ = lambda k, v: object.__setattr__(self, k, v)
     set_("rank", int(self.rank))
@@ -137,8 +145,10 @@ def resolve(options: FalqonOptions, overrides: dict) -> FalqonOptions:
 
 RECOMMENDED = FalqonOptions()
 """The best measured setting (``benchmarks/RESULTS.md``): SVD init, every row merged each
-step, only merged rows reset, stochastic rounding. The default everywhere."""
+step, only merged rows reset, stochastic rounding, fused groups sharing a scale (what vLLM
+serves). The default everywhere."""
 
-REFERENCE = FalqonOptions(top_k=None, reset="all", rounding="nearest")
-"""The official code's semantics: SVD init, per-tensor scale, ``rank`` rows merged per
-step, the whole ΔBuffer reset, round to nearest, the XLA merge."""
+REFERENCE = FalqonOptions(top_k=None, reset="all", rounding="nearest", fused_groups=False)
+"""The official code's semantics: SVD init, per-tensor scale (one per kernel, fused groups
+not shared), ``rank`` rows merged per step, the whole ΔBuffer reset, round to nearest,
+the XLA merge."""

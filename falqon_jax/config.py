@@ -74,6 +74,8 @@ class FinetuneConfig:
   rounding: str = _field(RECOMMENDED.rounding, "rounding of merged rows onto the FP8 grid")
   implementation: str = _field(RECOMMENDED.implementation, "the row merge: xla, or pallas"
                                " (the in-place kernel)")
+  fused_groups: bool = _field(RECOMMENDED.fused_groups, "q/k/v and gate/up share one FP8"
+                              " scale, so vLLM serves the trained bytes")
   # Optimization.
   steps: int = _field(300, "training steps", ge=1)
   batch_size: int = _field(32, "examples per step, over all devices", ge=1)
@@ -330,7 +332,8 @@ def falqon_options(config: FinetuneConfig) -> FalqonOptions:
   return FalqonOptions(
       rank=config.rank, init=config.init, scaling=config.scaling, top_k=config.top_k,
       topk_warmup_steps=config.topk_warmup_steps, reset=config.reset,
-      rounding=config.rounding, implementation=config.implementation, seed=config.seed)
+      rounding=config.rounding, implementation=config.implementation,
+      fused_groups=config.fused_groups, seed=config.seed)
 
 
 def to_dict(config) -> dict:

@@ -19,7 +19,9 @@ commit 0071b24b, vLLM 0.9/0.10 era; the format dates from vLLM 0.4.2 / AutoFP8):
 * ``<module>.weight_scale``: float32 per-tensor scale (``PerTensorScaleParameter``), a
   *dequantization multiplier*: ``W = weight * weight_scale``. FALQON's scale multiplies
   the other way (``raw = W * scale``), so ``weight_scale = 1 / scale``. vLLM fuses
-  q/k/v and gate/up and requantizes them to the max of the per-shard scales.
+  q/k/v and gate/up and requantizes them to the max of the per-shard scales; melding with
+  ``fused_groups=True`` (the default) gives each group one scale, so that requantization
+  is the identity and vLLM serves the trained bytes (tested by simulating it).
 * every other tensor (embeddings, norms, LM head, unmelded kernels) untouched, in its
   own dtype or ``dtype=``.
 

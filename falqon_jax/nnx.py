@@ -37,7 +37,9 @@ import optax
 from flax import nnx
 from flax.core import spmd as _spmd
 
-from falqon_jax._meld import MeldedLayer, MeldReport, _matcher, meld_leaf
+from falqon_jax._meld import (
+    MeldedLayer, MeldReport, _matcher, fused_groups, meld_check, meld_members,
+)
 from falqon_jax._melded_dense import melded_dense
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
@@ -154,20 +156,37 @@ def meld(model: nnx.Module, rank: Optional[int] = None, *,
   embeddings and the LM head (``lm_head``, ``embed*``...). ``rank``, ``options``
   (default :data:`~falqon_jax.RECOMMENDED`), ``key`` and option overrides (``init``,
   ``scaling``...) are :func:`falqon_jax.meld`'s.
+
+  With ``options.fused_groups`` (:data:`~falqon_jax.RECOMMENDED`), sibling layers that
+  vLLM fuses (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``) are melded
+  with one shared scale, and targets that meld part of such a group are refused.
   """
   if rank is not None:
     overrides["rank"] = rank
   options = resolve(options, overrides)
   match = None if targets is None else _matcher(targets)
-  melded, skipped = [], []
-  for path, linear, index in meld_plan(model, match, targets):
-    mk, entry = meld_leaf(_path_str(path) + "/kernel", linear.kernel[...], index, options,
-                          match, key=key)
+  plan = meld_plan(model, match, targets)
+  groups = fused_groups({p: l.kernel.get_value() for p, l in _layers(model, nnx.Linear)},
+                        match, options)
+  melded, skipped, done = {}, [], {}
+  for path, linear, index in plan:
+    entry = meld_check(_path_str(path) + "/kernel", linear.kernel.get_value(), options, match)
     if isinstance(entry, MeldedLayer):
-      melded.append(entry)
-      swap_in(model, path, linear, mk)
+      melded[path] = entry
     elif entry is not None:
       skipped.append(entry)
+  by_path = {path: (linear, index) for path, linear, index in plan}
+  for path in melded:
+    if path in done:
+      continue
+    members = groups[path]
+    items = [(_path_str(p) + "/kernel", by_path[p][0].kernel.get_value(), by_path[p][1])
+             for p in members]
+    for p, (mk, _) in zip(members, meld_members(items, options, key=key)):
+      done[p] = mk
+  for path, mk in done.items():
+    swap_in(model, path, by_path[path][0], mk)
+  melded = list(melded.values())
   if targets is not None and not melded:
     raise UserInputError(f"targets {targets!r} matched no nnx.Linear kernel")
   return MeldReport(tuple(melded), tuple(skipped))

@@ -198,21 +198,20 @@ def test_fp8_export_format(tmp_path):
 
 
 def test_fp8_export_lists_unmelded_projections_as_ignored(tmp_path):
-  model, params = _tiny("llama", targets=r"self_attn/q_proj")
+  model, params = _tiny("llama", targets=r"self_attn/(q|k|v)_proj")  # whole fused groups
   out = export.save_fp8(str(tmp_path / "q"), model, params, dtype=jnp.bfloat16)
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["torch_dtype"] == "bfloat16"
   ignored = config["quantization_config"]["ignored_layers"]
   assert sorted(ignored) == sorted(
       f"model.layers.{i}.{m}" for i in range(2) for m in (
-          "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-          "mlp.up_proj", "mlp.down_proj"))
+          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
   header = st.read_header(os.path.join(out, "model.safetensors"))
   assert header["model.layers.1.self_attn.q_proj.weight"]["dtype"] == "F8_E4M3"
-  assert header["model.layers.1.self_attn.k_proj.weight"]["dtype"] == "BF16"
+  assert header["model.layers.1.self_attn.o_proj.weight"]["dtype"] == "BF16"
   _, _, lparams = _split_loaded(out)
   assert _is_melded(lparams["layers"][1]["self_attn"]["q_proj"]["kernel"])
-  assert not _is_melded(lparams["layers"][1]["self_attn"]["k_proj"]["kernel"])
+  assert not _is_melded(lparams["layers"][1]["self_attn"]["o_proj"]["kernel"])
 
 
 def test_gpt2_fp8_export_keeps_conv1d_layout(tmp_path):
@@ -303,3 +302,32 @@ def test_a_model_that_is_not_a_functional_is_refused_in_one_line(save, tmp_path)
   msg = str(e.value)
   assert "\n" not in msg and "models.Functional" in msg and "models.split" in msg
   assert not os.path.exists(tmp_path / "x")
+
+
+def _vllm_requantize(tensors, names):
+  """vLLM's ``requantize_with_max_scale`` on one fused group: every shard dequantized with
+  its own ``weight_scale`` (in float16, as ``per_tensor_dequantize`` does) and quantized
+  again with the group's largest (``scaled_fp8_quant``: ``x / scale`` in float32)."""
+  top = max(float(tensors[n + ".weight_scale"]) for n in names)
+  out = {}
+  for n in names:
+    dq = tensors[n + ".weight"].astype(np.float16) * np.float16(tensors[n + ".weight_scale"])
+    q = np.clip(dq.astype(np.float32) / np.float32(top), -448, 448)
+    out[n] = q.astype(jnp.float8_e4m3fn)
+  return out
+
+
+@needs_fixtures
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_fp8_export_is_what_vllm_serves_for_fused_groups(tmp_path, family):
+  model, params = _melded(family)  # melded while loading, then merged
+  tensors = _tensors(export.save_fp8(str(tmp_path / family), model, params))
+  for i in range(model.config.num_layers):
+    for names in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  ("mlp.gate_proj", "mlp.up_proj")):
+      names = [f"model.layers.{i}.{n}" for n in names]
+      assert len({float(tensors[n + ".weight_scale"]) for n in names}) == 1
+      served = _vllm_requantize(tensors, names)
+      for n in names:  # the max-scale requantization is the identity: the trained bytes
+        np.testing.assert_array_equal(served[n].view(np.uint8),
+                                      tensors[n + ".weight"].view(np.uint8))

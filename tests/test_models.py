@@ -521,3 +521,51 @@ def test_projections_sharing_an_input_quantize_it_once():
   # One per-tensor amax (a reduce to an f32 scalar) per distinct input: the attention
   # input, o_proj's, the MLP input and down_proj's. Seven would mean no sharing.
   assert len(re.findall(r"= f32\[\] reduce\(", text)) == 4 * cfg.num_layers
+
+
+_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma2"])
+def test_fused_groups_share_the_smallest_member_scale(arch):
+  loaded = models.load(str(FIXTURES / arch), rank=8)
+  after = models.load(str(FIXTURES / arch)).model
+  assert fnnx.meld(after, rank=8) == loaded.report
+  own = models.load(str(FIXTURES / arch), rank=8, fused_groups=False).model
+  plain = models.load(str(FIXTURES / arch)).model
+  got, want, alone = fnnx.kernels(loaded.model), fnnx.kernels(after), fnnx.kernels(own)
+  for path in want:  # melding while loading buffers a group and melds it as meld does
+    for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want[path])):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  for i in range(2):
+    for module, names in _GROUPS:
+      paths = [f"layers/{i}/{module}/{n}" for n in names]
+      own_scales = [float(alone[p].scale) for p in paths]
+      assert len(set(own_scales)) > 1  # the fixture's members differ on their own
+      # One scale: the largest amax, so no member saturates (exact: a min of the same f32s).
+      assert {float(got[p].scale) for p in paths} == {min(own_scales)}
+      for p, name in zip(paths, names):  # each member's W quantized with the shared scale
+        mk = got[p]
+        w = getattr(getattr(plain.layers[i], module), name).kernel[...].T
+        np.testing.assert_array_equal(
+            np.asarray(mk.qweight[: mk.out_features], np.float32),
+            np.asarray(falqon_jax.fp8.quantize(w, mk.scale), np.float32))
+
+
+@needs_fixtures
+def test_partial_fused_group_is_refused_at_meld_time():
+  folder = str(FIXTURES / "llama3")
+  _one_line_error(lambda: models.load(folder, rank=8, targets=r"(q|v)_proj"),
+                  "targets meld q_proj but not k_proj of layers/0/self_attn",
+                  'target the whole group (e.g. r"(q|k|v)_proj")')
+  lm = models.load(folder).model
+  _one_line_error(lambda: fnnx.meld(lm, rank=8, targets=r"mlp/gate_proj"),
+                  "but not up_proj of layers/0/mlp", 'r"(gate|up)_proj"')
+  assert isinstance(lm.layers[0].mlp.gate_proj, nnx.Linear)  # refused before any swap
+  report = fnnx.meld(lm, rank=8, targets=r"(q|k|v)_proj")  # a whole group is fine
+  assert len(report.melded) == 6
+  # The reference has no groups: it melds what it is told, each with its own scale.
+  lm = models.load(folder).model
+  report = fnnx.meld(lm, rank=8, targets=r"mlp/gate_proj", options=falqon_jax.REFERENCE)
+  assert len(report.melded) == 2

@@ -90,7 +90,8 @@ def test_cli_defaults_are_recommended_and_its_flags_give_reference():
   opts = config_lib.falqon_options(cfg)
   assert opts == falqon_jax.RECOMMENDED.replace(rank=cfg.rank, seed=cfg.seed)
   ref = config_lib.resolve(FinetuneConfig, flags=[
-      "--init", "svd", "--top_k", "none", "--reset", "all", "--rounding", "nearest"])
+      "--init", "svd", "--top_k", "none", "--reset", "all", "--rounding", "nearest",
+      "--fused_groups", "false"])
   assert config_lib.falqon_options(ref) == falqon_jax.REFERENCE.replace(rank=cfg.rank)
   pallas = config_lib.resolve(FinetuneConfig, flags=["--implementation", "pallas"])
   assert config_lib.falqon_options(pallas).implementation == "pallas"
@@ -104,3 +105,9 @@ def test_is_melded_is_one_function():
   assert falqon_jax.is_melded(mk) and not falqon_jax.is_melded(mk.delta)
   for module in (_meld, _proxy_update, export, train, flinen):
     assert module.is_melded is falqon_jax.is_melded, module
+
+
+def test_fused_groups_is_recommended_and_off_in_the_reference():
+  assert falqon_jax.RECOMMENDED.fused_groups and not falqon_jax.REFERENCE.fused_groups
+  with pytest.raises(TypeError, match="fused_groups must be a bool, got 1"):
+    falqon_jax.FalqonOptions(fused_groups=1)

@@ -12,7 +12,9 @@ import numpy as np
 from flax import nnx
 
 from falqon_jax import nnx as fnnx
-from falqon_jax._meld import MeldedLayer, MeldReport, _matcher, meld_leaf
+from falqon_jax._meld import (
+    MeldedLayer, MeldReport, _matcher, fused_groups, meld_check, meld_members,
+)
 from falqon_jax._options import RECOMMENDED, FalqonOptions, resolve
 from falqon_jax._melded_kernel import MeldedKernel
 from falqon_jax.errors import UserInputError
@@ -118,7 +120,10 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None,
   :func:`falqon_jax.nnx.meld` with the same ``rank`` / ``options`` (default
   :data:`~falqon_jax.RECOMMENDED`) / ``targets`` / ``key`` and option overrides such as
   ``init`` (each layer folds its own index into ``key``, default
-  ``jax.random.key(options.seed)``). Without ``rank`` nothing is melded. A folder written by
+  ``jax.random.key(options.seed)``). The members of a fused group (q/k/v, gate/up; see
+  ``FalqonOptions.fused_groups``) are buffered until all are read and melded together with
+  one shared scale, so at most one group of one layer waits in full precision. Without
+  ``rank`` nothing is melded. A folder written by
   :func:`falqon_jax.export.save_fp8` loads its FP8 weights as rank-0 melded layers (the A
   rows were dropped: for inference and export). ``attention`` is :class:`CausalLM`'s.
 
@@ -138,7 +143,7 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None,
   model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, attention=attention,
                                           rngs=nnx.Rngs(0)))
   match = None if targets is None else _matcher(targets)
-  plan = {}
+  plan, groups, pending = {}, {}, {}
   if rank is not None:
     if fp8:
       raise UserInputError(f"{folder} is an FP8 export (its A rows were dropped); fine-tune"
@@ -146,6 +151,8 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None,
     options = resolve(options, {**overrides, "rank": rank})
     plan = {tuple(path): (linear, index)
             for path, linear, index in fnnx.meld_plan(model, match, targets)}
+    groups = fused_groups({tuple(p): l.kernel.get_value() for p, l in nnx.iter_graph(model)
+                           if isinstance(l, nnx.Linear)}, match, options)
   elif overrides:
     raise UserInputError(f"models.load: {sorted(overrides)[0]}= melds; pass rank= too, or"
                          " drop it to load without melding")
@@ -185,11 +192,14 @@ def load(folder: str, dtype=jnp.float32, *, rank: Optional[int] = None,
       value = jnp.asarray(value.T if transposed else value, dtype=dtype)
       linear_path = path[:-1]
       if path[-1] == "kernel" and linear_path in plan:
-        linear, index = plan[linear_path]
-        mk, entry = meld_leaf("/".join(map(str, path)), value, index, options, match,
-                              key=key)
+        entry = meld_check("/".join(map(str, path)), value, options, match)
         if isinstance(entry, MeldedLayer):
-          melded[linear_path] = (mk, entry)
+          members = groups[linear_path]
+          pending[linear_path] = ("/".join(map(str, path)), value, plan[linear_path][1])
+          if all(m in pending for m in members):
+            for m, done in zip(members, meld_members([pending.pop(m) for m in members],
+                                                     options, key=key)):
+              melded[m] = done
           continue
         if entry is not None:
           skipped[linear_path] = entry
