@@ -522,7 +522,7 @@ class Optimizer:
 
 
 FALQON_SPEC_OPTIONS = ("init", "scaling", "top_k", "topk_warmup_steps", "reset", "rounding",
-                       "implementation")
+                       "implementation", "fused_groups")
 """The ``falqon_jax.FalqonOptions`` fields a spec may set (rank and seed come from the run)."""
 
 
@@ -541,7 +541,10 @@ def make_method(spec: str, rank: int, alpha: float = 16.0) -> Method:
       k, _, v = item.partition("=")
       if k not in FALQON_SPEC_OPTIONS or not v:
         raise ValueError(f"bad falqon option {item!r} in {spec!r}; options: {FALQON_SPEC_OPTIONS}")
-      options[k] = int(v) if k == "topk_warmup_steps" or (k == "top_k" and v != "all") else v
+      if k == "fused_groups" and v not in ("true", "false"):
+        raise ValueError(f"fused_groups takes true or false, got {v!r} in {spec!r}")
+      options[k] = (int(v) if k == "topk_warmup_steps" or (k == "top_k" and v != "all")
+                    else v == "true" if k == "fused_groups" else v)
     falqon_jax.REFERENCE.replace(**options)  # checks the values: a one-line error
   return Method(spec.strip(), kind, rank, alpha, tuple(sorted(options.items())))
 

@@ -222,7 +222,9 @@ def test_nf4_round_trip_and_packing():
 def test_method_specs():
   m = M.make_method("falqon[reset=merged,rounding=stochastic,top_k=4]", 16)
   assert m.options == {"reset": "merged", "rounding": "stochastic", "top_k": 4}
-  for bad in ("lora", "bf16-lora[reset=all]", "falqon[speed=fast]", "falqon[reset]"):
+  assert M.make_method("falqon[fused_groups=true]", 16).falqon_options.fused_groups is True
+  for bad in ("lora", "bf16-lora[reset=all]", "falqon[speed=fast]", "falqon[reset]",
+              "falqon[fused_groups=1]"):
     with pytest.raises(ValueError):
       M.make_method(bad, 16)
 
