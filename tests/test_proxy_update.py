@@ -326,7 +326,7 @@ def test_reference_preset_is_the_explicit_reference_settings(rng):
   assert _bytes(a) == _bytes(b) and sa.key is None and sb.key is None
   assert REF == falqon_jax.FalqonOptions(
       rank=64, init="svd", scaling="tensor", top_k=None, topk_warmup_steps=0, reset="all",
-      rounding="nearest", implementation="xla", seed=0)
+      rounding="nearest", implementation="xla", fused_groups=False, seed=0)
 
 
 def test_stochastic_rounding_key_defaults_to_the_seed(rng):

@@ -19,7 +19,7 @@ STEPS, BATCH, SEQ = 2, 8, 16
 @pytest.fixture(scope="module")
 def setup():
   lm = models.CausalLM(models.tiny_config("llama", num_hidden_layers=1), rngs=nnx.Rngs(0))
-  fnnx.meld(lm, rank=16)
+  fnnx.meld(lm, rank=16, options=falqon_jax.REFERENCE)
   model, params = models.split(lm)
   # SGD: after Adam's first step every |B_ij| is about lr, so row norms tie and the
   # top-k choice would follow last-bit summation differences between the paths.
@@ -107,10 +107,11 @@ def test_pmap_replicas_identical_and_close_to_one_device(setup, one_device):
     assert np.linalg.norm(a - b) <= 0.01 * np.linalg.norm(b)
   assert changed <= 0.01 * total
   # Under pmap each device scales its own activations (per-device amax), so the first
-  # step's loss (same weights) is close to, not equal to, the global-amax jit run: each
-  # activation re-rounds with up to 2^-4 relative error, averaging out over the ~10^4
-  # products behind the mean loss. Later steps also follow any flipped top-k row above.
-  np.testing.assert_allclose(np.asarray(first["loss"]), float(m1[0]["loss"]), rtol=1e-3)
+  # step's loss (same weights) is close to, not equal to, the global-amax jit run: every
+  # activation re-rounds on another e4m3 grid (~4% RMS per element), which reaches each
+  # logit averaged over the hidden dim (~0.5%) and the mean loss averaged again over the
+  # targets: a few 1e-3 at most. A wrong psum or scale would be off by O(1).
+  np.testing.assert_allclose(np.asarray(first["loss"]), float(m1[0]["loss"]), rtol=5e-3)
 
 
 def test_fsdp_shards_rows_and_matches_replicated(setup, one_device):
