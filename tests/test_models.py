@@ -448,8 +448,11 @@ def test_split_gives_melded_kernel_leaves_and_the_same_logits():
   assert hash(fmodel) == hash(models.split(model)[0])  # a jit static argument
   ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
   apply = jax.jit(fmodel.apply, static_argnames="remat")
-  # One compiled program either way: the same numbers.
-  np.testing.assert_array_equal(apply(params, ids), jax.jit(lambda m, i: m(i))(model, ids))
+  want = jax.jit(lambda m, i: m(i))(model, ids)
+  # Two compiled programs of the same ops: f32 reassociation, or an activation's e4m3
+  # rounding flipping by it, stays far below 1e-3 of the logits' scale; a wrong tree or
+  # graph would be off by O(1).
+  np.testing.assert_allclose(apply(params, ids), want, rtol=0, atol=1e-3 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("window", [None, 4])
