@@ -117,7 +117,7 @@ def _matcher(targets: Targets) -> Callable[[str, Any], bool]:
       raise UserInputError(f"targets is not a valid regex ({e}): {targets!r}") from None
     return lambda path, leaf: pattern.search(path) is not None
   raise TypeError(
-      "targets must be None, a regex over the param path (e.g. r'(q|v)_proj/kernel$')"
+      "targets must be None, a regex over the param path (e.g. r'(q|k|v)_proj/kernel$')"
       f" or a predicate (path, leaf) -> bool, got {type(targets).__name__}"
   )
 
@@ -242,6 +242,11 @@ def meld(
     key: PRNG key for ``init="random"`` (default ``jax.random.key(options.seed)``);
       each layer folds in its own index.
 
+  With ``options.fused_groups`` (:data:`~falqon_jax.RECOMMENDED`), sibling kernels that
+  vLLM fuses (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj`` under one
+  parent) are melded with one shared scale, and targets that meld part of such a group
+  are refused.
+
   Returns:
     ``(melded_params, report)``, where ``report`` is a :class:`MeldReport`.
 
@@ -261,9 +266,19 @@ def meld(
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=lambda x: isinstance(x, MeldedKernel)
   )
+  paths = [path_str(kpath) for kpath, _ in leaves]
+  kernels = {tuple(p.split("/")[:-1]): i for i, p in enumerate(paths)
+             if p.split("/")[-1] == "kernel"}  # module path -> flat index
+  groups = fused_groups({m: leaves[i][1] for m, i in kernels.items()}, match, options)
+  done = {}  # flat index -> (new leaf, entry) of fused groups melded ahead of their turn
   new_leaves, melded, skipped = [], [], []
-  for index, (kpath, leaf) in enumerate(leaves):
-    new, entry = meld_leaf(path_str(kpath), leaf, index, options, match, key=key)
+  for index, (path, (_, leaf)) in enumerate(zip(paths, leaves)):
+    members = groups.get(tuple(path.split("/")[:-1]), ())
+    if index not in done and len(members) > 1:
+      items = [(paths[kernels[m]], leaves[kernels[m]][1], kernels[m]) for m in members]
+      done.update(zip((kernels[m] for m in members), meld_members(items, options, key=key)))
+    new, entry = done.pop(index) if index in done else meld_leaf(
+        path, leaf, index, options, match, key=key)
     new_leaves.append(new)
     if isinstance(entry, MeldedLayer):
       melded.append(entry)

@@ -44,8 +44,9 @@ def test_default_targets_meld_projections_and_skip_the_rest(rng):
 
 def test_regex_and_predicate_targets(rng):
   params = _llama_like(rng)
-  _, rep = falqon_jax.meld(params, rank=8, targets=r"(q|v)_proj/kernel$")
-  assert sorted(m.path.split("/")[-2] for m in rep.melded) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+  _, rep = falqon_jax.meld(params, rank=8, targets=r"(q|k|v)_proj/kernel$")
+  assert sorted(m.path.split("/")[-2] for m in rep.melded) == [
+      "k_proj", "k_proj", "q_proj", "q_proj", "v_proj", "v_proj"]
   _, rep = falqon_jax.meld(params, rank=8, targets=lambda path, leaf: "mlp" in path and path.endswith("kernel"))
   assert len(rep.melded) == 6
   # Explicit targets may include the LM head if the user asks for it.
@@ -149,3 +150,70 @@ def test_numpy_integer_rank_is_accepted_and_stored_as_int(rng):
   for bad in (True, 8.0, np.float32(8)):
     with pytest.raises(TypeError, match="rank must be an int"):
       falqon_jax.meld(params, rank=bad)
+
+
+_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def _group_scales(melded, layer):
+  node = melded["model"]["layers"][layer]
+  return {names: [float(node[m][n]["kernel"].scale) for n in names] for m, names in _GROUPS}
+
+
+def test_params_tree_meld_shares_one_scale_per_fused_group(rng):
+  params = _llama_like(rng)
+  for i in ("0", "1"):  # members of very different size, so their own scales differ
+    params["model"]["layers"][i]["self_attn"]["v_proj"]["kernel"] *= 7.0
+    params["model"]["layers"][i]["mlp"]["up_proj"]["kernel"] *= 0.2
+  grouped, report = falqon_jax.meld(params, rank=8)
+  alone, report_alone = falqon_jax.meld(params, rank=8, fused_groups=False)
+  assert report == report_alone
+  for i in ("0", "1"):
+    own, shared = _group_scales(alone, i), _group_scales(grouped, i)
+    for names in own:
+      assert len(set(own[names])) == len(names)
+      # The smallest scale (largest amax): no member saturates; a min of the same f32s.
+      assert set(shared[names]) == {min(own[names])}
+    attn = grouped["model"]["layers"][i]["self_attn"]
+    w = params["model"]["layers"][i]["self_attn"]["q_proj"]["kernel"].T
+    mk = attn["q_proj"]["kernel"]  # the member's W quantized with the shared scale
+    np.testing.assert_array_equal(
+        np.asarray(mk.qweight[: mk.out_features], np.float32),
+        np.asarray(falqon_jax.fp8.quantize(w, mk.scale), np.float32))
+  # Layers outside a group keep their own scale.
+  o = params["model"]["layers"]["0"]["self_attn"]["o_proj"]
+  assert (grouped["model"]["layers"]["0"]["self_attn"]["o_proj"]["kernel"].qweight.tobytes()
+          == falqon_jax.meld(o, rank=8)[0]["kernel"].qweight.tobytes())
+
+
+def test_params_tree_meld_equals_melding_the_nnx_model():
+  from flax import nnx
+  from falqon_jax import models, nnx as fnnx
+  lm = models.CausalLM(models.tiny_config("llama"), rngs=nnx.Rngs(0))
+  _, params = models.split(lm)
+  melded, _ = falqon_jax.meld(params, rank=8)
+  fnnx.meld(lm, rank=8)
+  _, want = models.split(lm)
+  got_leaves = jax.tree.leaves(melded, is_leaf=falqon_jax.is_melded)
+  want_leaves = jax.tree.leaves(want, is_leaf=falqon_jax.is_melded)
+  assert sum(map(falqon_jax.is_melded, got_leaves)) == 14
+  for a, b in zip(got_leaves, want_leaves):
+    assert type(a) is type(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_params_tree_meld_refuses_a_partial_fused_group(rng):
+  params = _llama_like(rng)
+  with pytest.raises(ValueError) as e:
+    falqon_jax.meld(params, rank=8, targets=r"(q|v)_proj")
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert "targets meld q_proj but not k_proj of model/layers/0/self_attn" in msg
+  assert 'target the whole group (e.g. r"(q|k|v)_proj")' in msg
+  _, report = falqon_jax.meld(params, rank=8, targets=r"(gate|up)_proj")
+  assert len(report.melded) == 4
+  # The reference has no groups: it melds what it is told, each with its own scale.
+  _, report = falqon_jax.meld(params, rank=8, targets=r"(q|v)_proj",
+                              options=falqon_jax.REFERENCE)
+  assert len(report.melded) == 4
