@@ -66,13 +66,19 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
 
-def _apply_if_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def _apply_if_finite(inner: optax.GradientTransformation,
+                     emits=None) -> optax.GradientTransformationExtraArgs:
   """``optax.apply_if_finite`` that never gives up and also checks the inner *updates*.
 
   Finite gradients can still give non-finite updates (a NaN learning rate, an overflowing
   moment), which the gradients alone do not show. Such a step is rejected like one with
   non-finite gradients: zero updates, the inner state as it was, and counted. The state
   is an ``optax.ApplyIfFiniteState``, as ``apply_if_finite`` keeps it.
+
+  ``emits(old_inner_state, new_inner_state)``, if given, says whether the call emitted
+  an update (``optax.MultiSteps`` emits only on its last micro-step). Other calls give
+  zero updates and are judged by their gradients alone: what MultiSteps computes but
+  does not emit is not an update (on some jax versions it is the NaN of a NaN rate).
   """
   inner = optax.with_extra_args_support(inner)
 
@@ -86,7 +92,13 @@ def _apply_if_finite(inner: optax.GradientTransformation) -> optax.GradientTrans
 
   def update(grads, state, params=None, **extra_args):
     updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-    finite = jnp.logical_and(_all_finite(grads), _all_finite(updates))
+    finite_updates = _all_finite(updates)
+    if emits is not None:
+      emitted = emits(state.inner_state, inner_state)
+      updates = jax.tree_util.tree_map(lambda u: jnp.where(emitted, u, 0).astype(u.dtype),
+                                       updates)
+      finite_updates = finite_updates | ~emitted
+    finite = jnp.logical_and(_all_finite(grads), finite_updates)
     # lax.cond, not a select per leaf: it also carries non-array state (PRNG keys).
     updates, inner_state = lax.cond(
         finite,
@@ -167,16 +179,18 @@ def proxy_update(
   if not is_int(accumulation_steps) or accumulation_steps < 1:
     raise UserInputError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
   accumulation_steps = int(accumulation_steps)  # a Python int for optax
+  emits = None
   if accumulation_steps > 1:
     inner = optax.MultiSteps(inner, every_k_schedule=accumulation_steps).gradient_transformation()
-  guarded = _apply_if_finite(inner)
+    emits = lambda old, new: new.gradient_step > old.gradient_step  # a sync step
+  guarded = _apply_if_finite(inner, emits)
 
   def stepped(old_inner, new_inner):
     """Whether this call really updated the deltas: finite, and a sync step."""
     finite = new_inner.last_finite
-    if accumulation_steps == 1:
+    if emits is None:
       return finite
-    return finite & (new_inner.inner_state.gradient_step > old_inner.inner_state.gradient_step)
+    return finite & emits(old_inner.inner_state, new_inner.inner_state)
 
   def init(params):
     check_params(params, options)
