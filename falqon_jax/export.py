@@ -4,9 +4,14 @@ dequantized bf16.
 FALQON trains straight into the FP8 backbone, so the FP8 export is the trained weights
 themselves, with no post-training quantization.
 
-:func:`save_fp8` writes vLLM's ``fp8`` serialized-checkpoint format. Checked against
-``vllm-project/vllm`` ``vllm/model_executor/layers/quantization/fp8.py`` (2025 main,
-commit 0071b24b, vLLM 0.9/0.10 era; the format dates from vLLM 0.4.2 / AutoFP8):
+:func:`save_fp8` writes vLLM's ``fp8`` serialized-checkpoint format (from vLLM 0.4.2 /
+AutoFP8). Checked against ``vllm-project/vllm`` as stored, one commit per file:
+``vllm/model_executor/layers/quantization/fp8.py`` (0071b24b, 1436674b),
+``.../quantization/utils/quant_utils.py`` (01693a61), ``.../utils/w8a8_utils.py``
+(646ad5a4), ``vllm/model_executor/parameter.py`` (0045689b),
+``vllm/model_executor/layers/linear.py`` (0036d38d) and each family's
+``vllm/model_executor/models/*.py`` ``load_weights``; ``tests/test_export_vllm_rules.py``
+restates every rule with the file and commit it comes from:
 
 * ``config.json`` ``quantization_config = {"quant_method": "fp8", "activation_scheme":
   "dynamic", "ignored_layers": [...]}``: ``Fp8Config.from_config`` reads
@@ -16,23 +21,28 @@ commit 0071b24b, vLLM 0.9/0.10 era; the format dates from vLLM 0.4.2 / AutoFP8):
 * per melded linear ``<module>.weight``: ``float8_e4m3fn``, shape ``(out, in)``
   (``Fp8LinearMethod.create_weights``: ``output_size_per_partition x
   input_size_per_partition``) -- the backbone rows only, the ``A`` rows dropped;
-* ``<module>.weight_scale``: float32 per-tensor scale (``PerTensorScaleParameter``), a
-  *dequantization multiplier*: ``W = weight * weight_scale``. FALQON's scale multiplies
+* ``<module>.weight_scale``: float32 scalar per-tensor scale (``PerTensorScaleParameter``
+  has one slot per fused shard and takes a ``()`` or ``(1,)`` scale into its shard's),
+  a *dequantization multiplier*: ``W = weight * weight_scale``. FALQON's scale multiplies
   the other way (``raw = W * scale``), so ``weight_scale = 1 / scale``. vLLM fuses
-  q/k/v and gate/up and requantizes them to the max of the per-shard scales; melding with
-  ``fused_groups=True`` (the default) gives each group one scale, so that requantization
-  is the identity and vLLM serves the trained bytes (tested by simulating it).
+  q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``: ``is_layer_skipped`` refuses
+  a fused layer with some shards in ``ignored_layers`` and not others, and
+  ``requantize_with_max_scale`` requantizes each layer's shards to the largest shard
+  scale. Melding with ``fused_groups=True`` (the default) gives each group one scale, so
+  that requantization is the identity and vLLM serves the trained bytes (tested by
+  simulating it); a group melded in part, or with unshared scales, is refused.
 * every other tensor (embeddings, norms, LM head, unmelded kernels) untouched, in its
   own dtype or ``dtype=``.
 
 GPT-2 keeps HF's ``Conv1D`` layout: its melded ``c_attn``/``c_proj``/``c_fc`` weights are
 written ``(in, out)`` like the original checkpoint, because vLLM's ``GPT2LMHeadModel.
-load_weights`` (``vllm/model_executor/models/gpt2.py``, same era) transposes every
+load_weights`` (``vllm/model_executor/models/gpt2.py``, e7dffa68) transposes every
 ``.weight`` of those modules while loading and leaves ``.weight_scale`` alone; the fused
 ``c_attn`` loads as one qkv tensor with one scale, which ``QKVParallelLinear`` accepts
-(shard id None) and ``Fp8LinearMethod`` keeps without requantizing. Not yet run through a
-real vLLM here (no GPU machine with vLLM was available): the test checks the bytes and
-reloads them with our loader.
+(shard id None: the weight split into q/k/v rows, the scale copied into every slot), so
+its requantization is the identity too. Not yet run through a real vLLM here (no GPU
+machine with vLLM was available): the tests check the folder against the restated rules
+and reload it with our loader.
 
 vLLM's fp8 format is per-tensor only, so kernels melded with ``scaling="row"`` are refused.
 
@@ -66,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from falqon_jax import models
+from falqon_jax._meld import FUSED_GROUPS
 from falqon_jax._melded_kernel import MeldedKernel, is_melded
 from falqon_jax.errors import UserInputError
 from falqon_jax import _safetensors as st
@@ -268,7 +279,11 @@ def save_fp8(
       is written as ``config.json``).
     params: its params tree (``models.split``), with :class:`~falqon_jax.MeldedKernel`
       leaves for melded layers. A pending ΔBuffer is not folded in (the forward ignores
-      it too).
+      it too). Refused, before anything is written: kernels melded with
+      ``scaling="row"``, a melded ``lm_head`` (vLLM's is never FP8), and a fused group
+      (a layer's q/k/v or gate/up) melded only in part, which vLLM refuses to load, or
+      whose members have different scales (``fused_groups=False``), which vLLM
+      requantizes.
     tokenizer: a tokenizer (``save_pretrained``) or a folder to copy tokenizer files from.
     dtype: cast the non-FP8 float tensors to this dtype (e.g. ``jnp.bfloat16``); None
       keeps their dtype, so the export reloads bit-exact.
@@ -286,6 +301,7 @@ def save_fp8(
   cfg = _check_model(model, "save_fp8")
   folder = _check_target(folder, overwrite)
   tensors, ignored, others = {}, [], []
+  kinds = {}  # module -> its weight_scale bytes if FP8, None if ignored
   for path, leaf in _flat(params):
     name, transposed = _tensor_name(cfg, path)
     module = name.rsplit(".", 1)[0]
@@ -295,19 +311,41 @@ def save_fp8(
             f"save_fp8: {'/'.join(map(str, path))} uses scaling='row'; vLLM's fp8 format"
             " is per-tensor only: meld with scaling='tensor' or use save_bf16"
         )
+      if path[0] == "lm_head":
+        raise UserInputError(
+            "save_fp8: lm_head is melded; vLLM keeps the LM head unquantized and cannot"
+            " load it in FP8: meld with targets that leave lm_head out, or use save_bf16")
       weight = np.asarray(leaf.qweight[: leaf.out_features])  # (out, in)
       if not transposed:  # GPT-2 Conv1D: (in, out) on disk
         weight = np.ascontiguousarray(weight.T)
       tensors[name] = weight
       inv = np.float32(1.0) / np.asarray(leaf.scale, np.float32)
       tensors[module + ".weight_scale"] = np.asarray(inv, np.float32).reshape(())
+      kinds[module] = tensors[module + ".weight_scale"].tobytes()
       continue
     tensors[name] = _plain(leaf, transposed, dtype)
     others.append(tensors[name])
     if path[-1] == "kernel" and tensors[name].ndim == 2 and path[0] != "lm_head":
       ignored.append(module)
+      kinds[module] = None
   if not any(isinstance(l, MeldedKernel) for _, l in _flat(params)):
     raise UserInputError("save_fp8: params hold no MeldedKernel; meld first or use save_bf16")
+  # vLLM loads each group as one fused layer: one precision, and one scale or requantized.
+  for group in FUSED_GROUPS:
+    for parent in sorted({m.rpartition(".")[0] for m in kinds if m.rpartition(".")[2] in group}):
+      members = {g: kinds[f"{parent}.{g}"] for g in group if f"{parent}.{g}" in kinds}
+      fp8 = [g for g, s in members.items() if s is not None]
+      if fp8 and len(fp8) < len(members):
+        raise UserInputError(
+            f"save_fp8: {parent} has {', '.join(fp8)} melded but not"
+            f" {', '.join(g for g in members if g not in fp8)}; vLLM loads"
+            f" {'/'.join(members)} as one fused layer and refuses a partly FP8 one: meld the"
+            " whole group or none of it (targets), or use save_bf16")
+      if len({members[g] for g in fp8}) > 1:
+        raise UserInputError(
+            f"save_fp8: {'/'.join(members)} of {parent} have different FP8 scales; vLLM"
+            " requantizes their fused layer to the largest, changing the trained weights:"
+            " meld with fused_groups=True (falqon_jax.RECOMMENDED) or use save_bf16")
   quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ignored}
   config = _config_dict(cfg, _dtype_name(others), quant)
 
