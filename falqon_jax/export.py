@@ -50,7 +50,11 @@ Tensor names and layouts are those transformers' ``save_pretrained`` writes for 
 family (:func:`falqon_jax.models.hf_name`; GPT-2 under ``transformer.``, tied models
 without ``lm_head.weight``), and ``config.json`` is the model's own
 (``ModelConfig.to_hf``), so transformers, vLLM and :func:`falqon_jax.models.load` read
-the folder.
+the folder. transformers 5 routes ``quant_method: "fp8"`` to its block-wise FP8 loader,
+which names the scale ``weight_scale_inv`` and silently drops an unknown
+``weight_scale``; load the FP8 folder there with ``key_mapping={r"\.weight_scale$":
+".weight_scale_inv"}`` (and ``FineGrainedFP8Config(dequantize=True)`` on CPU), as
+``tests/test_export_torch.py`` does.
 
 Example:
   >>> from flax import nnx

@@ -1,11 +1,13 @@
-"""A bf16 export of a trained (melded) model loads in transformers' own PyTorch classes and
-gives our model's logits.
+"""A bf16 export of a trained (melded) model, and its FP8 export dequantized, load in
+transformers' own PyTorch classes and give our model's logits.
 
 Needs torch and transformers >= 5, which the default test set does not install, so this
-module is skipped there. To run it, in a venv with both:
+module is skipped there; the FP8 test also needs accelerate (transformers' FP8 loader
+does). To run it, in a venv with them:
 ``python -m pytest -q -s tests/test_export_torch.py``.
 """
 
+import json
 import pathlib
 
 import pytest
@@ -78,3 +80,75 @@ def test_bf16_export_matches_transformers(arch, tmp_path):
     assert np.abs(ours - ref["logits"])[valid].max() > 100 * ATOL
   print(f"{arch}: max |dlogit| {worst:.2e}")
   assert worst < ATOL
+
+
+# transformers' fp8 quantizer (FineGrainedFP8) names the per-tensor dequantization
+# multiplier ``weight_scale_inv``; vLLM's format, which save_fp8 writes, names the same
+# multiplier ``weight_scale``. Unmapped, transformers drops it as an unexpected key and runs
+# on the unscaled FP8 values.
+FP8_KEY_MAPPING = {r"\.weight_scale$": ".weight_scale_inv"}
+
+
+def _logits(hf, ids, mask):
+  with torch.no_grad():
+    return hf(input_ids=torch.from_numpy(ids.astype(np.int64)),
+              attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
+
+
+def _fp8_by_transformers(out):
+  """The folder through transformers' own FP8 loader, dequantizing (its CPU path)."""
+  hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
+      key_mapping=FP8_KEY_MAPPING,
+      quantization_config=transformers.FineGrainedFP8Config(dequantize=True))
+  assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys",
+                                       "error_msgs")), info
+  return hf.eval()
+
+
+def _fp8_by_hand(out):
+  """The folder dequantized here (weight * weight_scale) into the unquantized class."""
+  from safetensors.torch import load_file
+  tensors = load_file(str(pathlib.Path(out) / "model.safetensors"))
+  weights = {name: t.to(torch.float32) * tensors[name + "_scale"]
+             if t.dtype == torch.float8_e4m3fn else t.to(torch.float32)
+             for name, t in tensors.items() if not name.endswith(".weight_scale")}
+  cfg = json.loads((pathlib.Path(out) / "config.json").read_text())
+  assert cfg.pop("quantization_config")["quant_method"] == "fp8"
+  config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+  hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     attn_implementation="eager")
+  res = hf.load_state_dict(weights, strict=False)
+  tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+  assert not res.unexpected_keys and set(res.missing_keys) <= tied, res
+  return hf.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_export_matches_transformers(arch, tmp_path):
+  pytest.importorskip("accelerate", reason="transformers' FP8 loader needs accelerate")
+  model, params = _trained(arch)
+  out = export.save_fp8(str(tmp_path / arch), model, params)
+  routes = {"transformers": _fp8_by_transformers(out), "by hand": _fp8_by_hand(out)}
+
+  # Our model on the trained weights: the melded kernels' backbones (FP8 bytes / scale) in
+  # the unmelded model, all float32. Both torch routes multiply the same bytes by the
+  # exported 1 / scale, which differs from dividing by scale by float32 rounding only, so
+  # the difference is float32 matmul noise, bounded as in the bf16 test.
+  dense, _ = models.split(models.load(str(FIXTURES / arch)).model)
+  # The fixture melded but not trained: the check must tell the merged FP8 rows apart.
+  _, untrained = models.split(models.load(str(FIXTURES / arch), rank=16).model)
+  ref = np.load(FIXTURES / arch / "reference.npz")
+  worst = dict.fromkeys(routes, 0.0)
+  for ids, mask in ((ref["input_ids"], ref["attention_mask"]),
+                    (ref["input_ids_padded"], ref["attention_mask_padded"])):
+    with jax.default_matmul_precision("highest"):
+      ours, before = (np.asarray(jax.jit(dense.apply)(falqon_jax.unmeld(p), jnp.asarray(ids),
+                                                      jnp.asarray(mask)))
+                      for p in (params, untrained))
+    valid = mask.astype(bool)  # logits of pad queries mean nothing
+    assert np.abs(ours - before)[valid].max() > 100 * ATOL
+    for route, hf in routes.items():
+      worst[route] = max(worst[route], float(np.abs(ours - _logits(hf, ids, mask))[valid].max()))
+  print(f"{arch}: max |dlogit| " + ", ".join(f"{r} {w:.2e}" for r, w in worst.items()))
+  assert max(worst.values()) < ATOL, worst
