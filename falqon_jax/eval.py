@@ -1,5 +1,6 @@
 """Evaluate causal LMs, melded or not: perplexity, MMLU-style multiple choice, exact
-match, and text generation.
+match, and text generation; ``LMEvalModel`` runs lm-eval-harness tasks (it needs
+``pip install "falqon-jax[lm-eval]"``).
 
 Every function takes ``(model, params, tokenizer, ...)``: a
 :class:`falqon_jax.models.Functional` and its params tree (plain arrays, or
@@ -55,6 +56,7 @@ from falqon_jax.errors import UserInputError
 
 __all__ = [
     "perplexity",
+    "loglikelihoods",
     "multiple_choice",
     "exact_match",
     "generate",
@@ -62,6 +64,14 @@ __all__ = [
     "read_mmlu",
     "mmlu_prompt",
 ]
+
+
+def __getattr__(name):  # LMEvalModel: the lm-eval-harness adapter, imported when first used
+  if name == "LMEvalModel":
+    from falqon_jax import _lm_eval
+    return _lm_eval.LMEvalModel
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 LETTERS = ("A", "B", "C", "D")
 _WIDTH_MULTIPLE = 16  # row widths round up to this, so nearby lengths share one compile
@@ -141,6 +151,83 @@ def _score_rows(model, params, rows, *, width, batch_size, fill) -> np.ndarray:
     got = _row_logprobs(model, params, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(weights))
     out[start:start + len(chunk)] = np.asarray(got)[:len(chunk)]
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _target_scores(model, n_vocab, params, inputs, attn, targets, weights):
+  """Per row: sum over t of ``weights[t] * log p(targets[t] | inputs[:t+1])`` (float32), and
+  whether every weighted target is the argmax of the first ``n_vocab`` logits."""
+  logits = model.apply(params, inputs, attention_mask=attn)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  greedy = (jnp.argmax(logits[..., :n_vocab], axis=-1) == targets) | (weights == 0)
+  return jnp.sum(tok * weights, axis=-1), jnp.all(greedy, axis=-1)
+
+
+def loglikelihoods(
+    model,
+    params,
+    tokenizer,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 8,
+    max_len: Optional[int] = None,
+) -> list[tuple[float, bool]]:
+  """Log-likelihood of each continuation given its context, on token ids.
+
+  ``requests`` holds ``(context_ids, continuation_ids)`` pairs, both non-empty (a context
+  may be just BOS). The model reads at most ``max_len`` tokens (default and cap: its
+  positions): a longer context loses tokens on the left, as lm-eval-harness truncates.
+  Rows are sorted by length and padded per batch to a power-of-two width (at least 16),
+  so a call compiles a few shapes at most, whatever the mix of lengths.
+
+  Returns:
+    per request ``(sum of the continuation tokens' log-probabilities, is_greedy)``:
+    lm-eval's ``loglikelihood`` result; ``is_greedy`` says every continuation token is
+    the argmax over the tokenizer's ids. Log-probabilities are float32.
+
+  Example:
+    >>> fe.loglikelihoods(model, params, tok, [([tok.bos_id], tok.encode("hi"))])  # doctest: +SKIP
+    [(-11.2, False)]
+  """
+  _check_tokenizer(model, tokenizer)
+  _check_batch_size(batch_size)
+  positions = _max_positions(model)
+  if max_len is not None and (not is_int(max_len) or not 1 <= max_len <= positions):
+    raise UserInputError(
+        f"max_len must be an int from 1 to the model's {positions} positions, got {max_len!r}")
+  max_len = positions if max_len is None else int(max_len)
+  rows = []
+  for i, (context, continuation) in enumerate(requests):
+    context, continuation = list(context), list(continuation)
+    if not context or not continuation or len(continuation) > max_len:
+      raise UserInputError(
+          f"request {i}: {len(context)} context and {len(continuation)} continuation tokens;"
+          f" both must be non-empty and the continuation at most max_len={max_len} tokens")
+    rows.append(((context + continuation)[-(max_len + 1):], len(continuation)))
+  fill = _fill_id(tokenizer)
+  sums = np.zeros(len(rows), np.float32)
+  greedy = np.zeros(len(rows), bool)
+  order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    n = len(rows[chunk[0]][0]) - 1  # the longest row's inputs: all but its last token
+    width = min(max_len, max(_WIDTH_MULTIPLE, 1 << (n - 1).bit_length()))
+    inputs = np.full((batch_size, width), fill, np.int32)
+    targets = np.full((batch_size, width), fill, np.int32)
+    attn = np.zeros((batch_size, width), np.int32)
+    weights = np.zeros((batch_size, width), np.float32)
+    for r, i in enumerate(chunk):
+      toks, n_cont = rows[i]
+      inputs[r, :len(toks) - 1] = toks[:-1]
+      targets[r, :len(toks) - 1] = toks[1:]
+      attn[r, :len(toks) - 1] = 1
+      weights[r, len(toks) - 1 - n_cont:len(toks) - 1] = 1
+    got, hit = _target_scores(model, int(tokenizer.vocab_size), params, jnp.asarray(inputs),
+                              jnp.asarray(attn), jnp.asarray(targets), jnp.asarray(weights))
+    sums[chunk] = np.asarray(got)[:len(chunk)]
+    greedy[chunk] = np.asarray(hit)[:len(chunk)]
+  return [(float(s), bool(g)) for s, g in zip(sums, greedy)]
 
 
 # --------------------------------------------------------------------------- perplexity
