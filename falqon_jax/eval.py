@@ -1,6 +1,6 @@
 """Evaluate causal LMs, melded or not: perplexity, MMLU-style multiple choice, exact
-match, and text generation; ``LMEvalModel`` runs lm-eval-harness tasks (it needs
-``pip install "falqon-jax[lm-eval]"``).
+match, and text generation. :mod:`falqon_jax.lm_eval` runs lm-eval-harness tasks on
+these functions (it needs ``pip install "falqon-jax[lm-eval]"``).
 
 Every function takes ``(model, params, tokenizer, ...)``: a
 :class:`falqon_jax.models.Functional` and its params tree (plain arrays, or
@@ -64,13 +64,6 @@ __all__ = [
     "read_mmlu",
     "mmlu_prompt",
 ]
-
-
-def __getattr__(name):  # LMEvalModel: the lm-eval-harness adapter, imported when first used
-  if name == "LMEvalModel":
-    from falqon_jax import _lm_eval
-    return _lm_eval.LMEvalModel
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 LETTERS = ("A", "B", "C", "D")

@@ -1,4 +1,4 @@
-"""falqon_jax.eval.LMEvalModel, the lm-eval-harness adapter, checked against the tiny
+"""falqon_jax.lm_eval.LMEvalModel, the lm-eval-harness adapter, checked against the tiny
 model's own logits: log-likelihoods (lm-eval's tokenization and truncation) and
 is_greedy, rolling windows, generation until a stop string; then whole lm-eval runs on
 tasks defined on local files, in Python and through the command line. All offline."""
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from falqon_jax import eval as fe
+from falqon_jax import lm_eval as fl
 from falqon_jax import export, models
 from falqon_jax.data import ByteTokenizer
 from falqon_jax.errors import UserInputError
@@ -47,7 +47,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def lm(lm_eval, tiny):
-  return fe.LMEvalModel.from_model(*tiny, TOK, batch_size=4, max_gen_toks=MAX_GEN)
+  return fl.LMEvalModel.from_model(*tiny, TOK, batch_size=4, max_gen_toks=MAX_GEN)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -134,7 +134,7 @@ def test_loglikelihood_rolling_windows(lm, tiny):
   text = ("the quick brown fox jumps over the lazy dog; " * 3)[:100]
   tokens = list(text.encode())
   full = sum(_logp(tiny, [BOS] + tokens[:-1])[t, tokens[t]] for t in range(len(tokens)))
-  short = fe.LMEvalModel.from_model(*tiny, TOK, batch_size=4, max_length=16)
+  short = fl.LMEvalModel.from_model(*tiny, TOK, batch_size=4, max_length=16)
   requests = _instances("loglikelihood_rolling", [(text,), ("",)])
   whole, empty = lm.loglikelihood_rolling(requests)
   windowed, _ = short.loglikelihood_rolling(requests)
@@ -234,7 +234,7 @@ def test_simple_evaluate_local_tasks(lm, tiny, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_command_line_on_local_task(lm_eval, tiny, tmp_path):
-  """``python -m falqon_jax._lm_eval`` (the ``falqon-jax-lm-eval`` script) runs lm-eval's
+  """``python -m falqon_jax.lm_eval`` (the ``falqon-jax-lm-eval`` script) runs lm-eval's
   command line with ``--model falqon_jax`` on an exported folder."""
   folder = str(tmp_path / "model")
   export.save_bf16(folder, *tiny, dtype=jnp.float32)  # float32: the fixture's exact weights
@@ -242,7 +242,7 @@ def test_command_line_on_local_task(lm_eval, tiny, tmp_path):
   out = tmp_path / "out"
   env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf-home")}
   proc = subprocess.run(
-      [sys.executable, "-m", "falqon_jax._lm_eval", "--model", "falqon_jax",
+      [sys.executable, "-m", "falqon_jax.lm_eval", "--model", "falqon_jax",
        "--model_args", f"pretrained={folder},max_gen_toks={MAX_GEN}", "--batch_size", "4",
        "--tasks", "fj_choice", "--include_path", str(tmp_path), "--output_path", str(out),
        "--log_samples"], env=env, capture_output=True, text=True, timeout=600)
@@ -279,7 +279,7 @@ def test_bos_follows_the_hf_tokenizer(lm_eval, tiny, tmp_path):
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     tok = load_tokenizer(str(folder))
-    adapter = fe.LMEvalModel.from_model(*tiny, tok)
+    adapter = fl.LMEvalModel.from_model(*tiny, tok)
     assert adapter.add_bos_token is adds_bos
     assert adapter.tok_encode("a b") == tok.hf.encode("a b") == [1] * adds_bos + [3, 4]
     assert adapter.tok_encode("<s> a") == [1, 3]
@@ -288,14 +288,14 @@ def test_bos_follows_the_hf_tokenizer(lm_eval, tiny, tmp_path):
 def test_bad_arguments_are_one_line_errors(lm, tiny, tmp_path):
   missing = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="is not a folder"):
-    fe.LMEvalModel(pretrained=missing)
+    fl.LMEvalModel(pretrained=missing)
   with pytest.raises(UserInputError, match="needs model_args pretrained="):
-    fe.LMEvalModel()
+    fl.LMEvalModel()
   for options, message in [({"batch_size": "auto"}, "not supported; pass an int"),
                            ({"max_length": POSITIONS + 1}, "exceeds the model's 128"),
                            ({"dtype": "bfloat16"}, "unknown falqon_jax model_args dtype")]:
     with pytest.raises(UserInputError, match=message):
-      fe.LMEvalModel.from_model(*tiny, TOK, **options)
+      fl.LMEvalModel.from_model(*tiny, TOK, **options)
   for kwargs, message in [({"max_gen_toks": POSITIONS}, "leaves no room for a prompt"),
                           ({"do_sample": False, "repetition_penalty": 1.1},
                            "unsupported generation kwargs repetition_penalty")]:
@@ -307,13 +307,13 @@ def test_missing_lm_eval_is_one_line_error():
   """Without lm-eval installed, asking for the adapter (or its command) names the fix."""
   block = "import sys; sys.modules['lm_eval'] = None; "  # as if lm-eval were not installed
   proc = subprocess.run(
-      [sys.executable, "-c", block + "import falqon_jax.eval as fe; fe.LMEvalModel"],
+      [sys.executable, "-c", block + "import falqon_jax.lm_eval as fl; fl.LMEvalModel"],
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       'ImportError: lm-eval is not installed: pip install "falqon-jax[lm-eval]"')
   proc = subprocess.run(
-      [sys.executable, "-c", block + "from falqon_jax._lm_eval import main; sys.exit(main([]))"],
+      [sys.executable, "-c", block + "from falqon_jax.lm_eval import main; sys.exit(main([]))"],
       capture_output=True, text=True, timeout=300)
   assert (proc.returncode, proc.stderr) == (2, 'falqon-jax-lm-eval: error: lm-eval is not'
                                             ' installed: pip install "falqon-jax[lm-eval]"\n')

@@ -1,6 +1,6 @@
 """lm-evaluation-harness adapter: a falqon_jax model as an lm-eval ``LM`` named ``falqon_jax``.
 
-``falqon_jax.eval.LMEvalModel`` (this module's class, built on first use so that importing
+``falqon_jax.lm_eval.LMEvalModel`` (this module's class, built on first use so that importing
 falqon_jax never needs lm-eval) scores with :func:`falqon_jax.eval.loglikelihoods` and
 generates with :func:`falqon_jax.eval.generate_ids` (KV cache, greedy unless a task samples):
 
@@ -21,7 +21,7 @@ scores shift slightly with ``batch_size`` (one FP8 activation scale per batch; s
 :mod:`falqon_jax.eval`).
 
 Registration: lm-eval 0.4.13 finds models only in its own registry, so
-``falqon-jax-lm-eval`` (or ``python -m falqon_jax._lm_eval``) registers ``falqon_jax``
+``falqon-jax-lm-eval`` (or ``python -m falqon_jax.lm_eval``) registers ``falqon_jax``
 and runs lm-eval's command line with the arguments given. lm-eval releases that read the
 ``lm_eval.models`` entry-point group (declared in pyproject.toml) also take
 ``lm_eval --model falqon_jax`` directly.
@@ -120,7 +120,7 @@ class _Adapter:
 
     Example:
       >>> import lm_eval  # doctest: +SKIP
-      >>> lm = falqon_jax.eval.LMEvalModel.from_model(model, params, tok)  # doctest: +SKIP
+      >>> lm = falqon_jax.lm_eval.LMEvalModel.from_model(model, params, tok)  # doctest: +SKIP
       >>> lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])  # doctest: +SKIP
     """
     return cls(_loaded=(model, params, tokenizer), **options)
@@ -291,6 +291,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from falqon_jax._lm_eval import main as _main  # the module's own copy, not __main__'s
+  from falqon_jax.lm_eval import main as _main  # the module's own copy, not __main__'s
 
   sys.exit(_main())
