@@ -394,3 +394,25 @@ def test_step_time_gpu_only_reporting(capsys):
   S.print_model_table(rows, list(ext.values()))
   out = capsys.readouterr().out
   assert "FAILED: RESOURCE_EXHAUSTED" in out and "3 ok" in out and "extrapolated 7b" in out
+
+
+def test_tpu_fp8_hlo_reads_the_dots_of_compiled_hlo():
+  """The TPU check's HLO reader, on this CPU's compiled forward: it finds the fused
+  ``[y | Ax]`` GEMM and its operand types. XLA CPU has no FP8 dot, so it widens the
+  operands first, which the script would report as an upcast."""
+  import tpu_fp8_hlo as T
+
+  mk = falqon_jax.meld_kernel(jax.random.normal(jax.random.key(0), (64, 32)), 16)
+  text = jax.jit(falqon_jax.melded_dense).lower(jnp.ones((8, 64), jnp.bfloat16), mk)
+  (gemm,) = [g for g in T.gemms(text.compile().as_text()) if g["shape"] == (8, 32 + 16)]
+  assert gemm["operands"] == ("f32", "f32")
+
+
+def test_tpu_fp8_hlo_without_libtpu_says_so_in_one_line(tmp_path):
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is installed: the script would compile for every TPU generation")
+  out = _run([os.path.join(BENCH, "tpu_fp8_hlo.py")], tmp_path)
+  assert out.strip().splitlines() == [
+      "tpu_fp8_hlo: libtpu is not installed; install the matching one with"
+      " `pip install 'jax[tpu]'` to compile for TPUs without a device"]
