@@ -522,7 +522,9 @@ class Optimizer:
 
 
 FALQON_SPEC_OPTIONS = ("init", "scaling", "top_k", "topk_warmup_steps", "reset", "rounding",
-                       "implementation", "fused_groups")
+                       "implementation", "fused_groups", "live_delta", "merge_every")
+_BOOL_OPTIONS = ("fused_groups", "live_delta")
+_INT_OPTIONS = ("topk_warmup_steps", "merge_every")
 """The ``falqon_jax.FalqonOptions`` fields a spec may set (rank and seed come from the run)."""
 
 
@@ -541,10 +543,10 @@ def make_method(spec: str, rank: int, alpha: float = 16.0) -> Method:
       k, _, v = item.partition("=")
       if k not in FALQON_SPEC_OPTIONS or not v:
         raise ValueError(f"bad falqon option {item!r} in {spec!r}; options: {FALQON_SPEC_OPTIONS}")
-      if k == "fused_groups" and v not in ("true", "false"):
-        raise ValueError(f"fused_groups takes true or false, got {v!r} in {spec!r}")
-      options[k] = (int(v) if k == "topk_warmup_steps" or (k == "top_k" and v != "all")
-                    else v == "true" if k == "fused_groups" else v)
+      if k in _BOOL_OPTIONS and v not in ("true", "false"):
+        raise ValueError(f"{k} takes true or false, got {v!r} in {spec!r}")
+      options[k] = (int(v) if k in _INT_OPTIONS or (k == "top_k" and v != "all")
+                    else v == "true" if k in _BOOL_OPTIONS else v)
     falqon_jax.REFERENCE.replace(**options)  # checks the values: a one-line error
   return Method(spec.strip(), kind, rank, alpha, tuple(sorted(options.items())))
 

@@ -40,33 +40,52 @@ def _quantize(x, fmt, implementation):
   return kernels.quantize(x, fmt, implementation=implementation)
 
 
-def _forward(x2, qweight, scale, out_features, scaling, implementation):
+def _forward(x2, qweight, scale, out_features, scaling, implementation, delta=None):
   xq, sx = _quantize(x2, fp8.E4M3, implementation)
   # cuBLASLt semantics: D = (1/s_a) * (1/s_b) * acc, rounded once to the output dtype.
   inv = (1.0 / sx) * (1.0 / scale)  # 0-d, or (out + rank,) with row scaling
-  z = _fp8_gemm(xq, qweight, inv, lax.Precision.DEFAULT, x2.dtype)
-  # Ax comes out in x's dtype (bf16 in training), as the reference saves it.
-  return z[:, :out_features], z[:, out_features:]
+  if delta is None:
+    z = _fp8_gemm(xq, qweight, inv, lax.Precision.DEFAULT, x2.dtype)
+    # Ax comes out in x's dtype (bf16 in training), as the reference saves it.
+    return z[:, :out_features], z[:, out_features:]
+  # live_delta: y = xWᵀ + (Ax) Bᵀ, the pending ΔBuffer through a thin (N x r x out) GEMM
+  # on the Ax the fused GEMM gave, added before y's one rounding.
+  z = _fp8_gemm(xq, qweight, inv, lax.Precision.DEFAULT, jnp.float32)
+  ax = z[:, out_features:].astype(x2.dtype)
+  y = z[:, :out_features] + jnp.dot(ax, delta.T.astype(x2.dtype),
+                                    preferred_element_type=jnp.float32)
+  return y.astype(x2.dtype), ax
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _melded_matmul(x2, qweight, scale, delta, out_features, scaling, implementation):
-  del delta  # the forward ignores delta (it is zero after every merge)
-  y, _ = _forward(x2, qweight, scale, out_features, scaling, implementation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _melded_matmul(x2, qweight, scale, delta, out_features, scaling, implementation,
+                   live_delta):
+  # Without live_delta the forward ignores delta: it is zero after every full merge.
+  y, _ = _forward(x2, qweight, scale, out_features, scaling, implementation,
+                  delta if live_delta else None)
   return y
 
 
-def _melded_matmul_fwd(x2, qweight, scale, delta, out_features, scaling, implementation):
-  y, ax = _forward(x2, qweight, scale, out_features, scaling, implementation)
+def _melded_matmul_fwd(x2, qweight, scale, delta, out_features, scaling, implementation,
+                       live_delta):
+  y, ax = _forward(x2, qweight, scale, out_features, scaling, implementation,
+                   delta if live_delta else None)
   # Residuals: Ax (N x rank) plus references to inputs that live anyway. Never x.
   return y, (ax, qweight, scale, delta)
 
 
-def _melded_matmul_bwd(out_features, scaling, implementation, residuals, g):
+def _melded_matmul_bwd(out_features, scaling, implementation, live_delta, residuals, g):
   ax, qweight, scale, delta = residuals
+  rows = out_features
+  if live_delta:
+    # dx = g (W + BA) = [g | gB] . [W; A]: the stored melded rows, one GEMM whose
+    # contraction grows by r, after a thin (N x out x r) GEMM for gB.
+    gb = jnp.dot(g, delta.astype(g.dtype), preferred_element_type=jnp.float32)
+    g = jnp.concatenate([g, gb.astype(g.dtype)], axis=1)
+    rows = qweight.shape[0]
   if scaling == "row":
-    # Fold the backbone row scales into g, so dx is one GEMM against the raw rows.
-    row_scale = scale[:out_features]
+    # Fold the row scales into g, so dx is one GEMM against the raw rows.
+    row_scale = scale[:rows]
     g_src = g.astype(jnp.float32) * (1.0 / row_scale)
     inv_w = 1.0
   else:
@@ -74,11 +93,15 @@ def _melded_matmul_bwd(out_features, scaling, implementation, residuals, g):
     inv_w = 1.0 / scale
   gq, sg = _quantize(g_src, fp8.E5M2, implementation)
 
-  # dx = e5m2(g) . W: backbone rows only (delta = 0, so the adapter adds nothing to dx).
-  # W is stored (out, in); TN needs the contracting dim `out` last, hence the fp8
-  # transpose (1 byte per element, which XLA would otherwise insert itself).
-  w_t = qweight[:out_features].T
+  # dx = e5m2(g) . W: backbone rows only, unless live_delta (with delta = 0 the adapter
+  # adds nothing to dx). W is stored (out, in); TN needs the contracting dim `out` last,
+  # hence the fp8 transpose (1 byte per element, which XLA would otherwise insert itself).
+  w_t = qweight[:rows].T
   dx = _fp8_gemm(gq, w_t, (1.0 / sg) * inv_w, lax.Precision.HIGHEST, g.dtype)
+  if live_delta:
+    gq = gq[:, :out_features]  # d(delta) = gᵀ . Ax takes g's own columns
+    if scaling == "row":
+      row_scale = row_scale[:out_features]
 
   # d(delta) = g^T . e4m3(Ax): no weight gradient at all, no x needed.
   axq, s_ax = _quantize(ax, fp8.E4M3, implementation)
@@ -104,7 +127,8 @@ def melded_dense(
   Forward: quantize ``x`` (e4m3, per tensor) once; one FP8 GEMM against ``[W; A]`` gives
   ``y`` and ``Ax``; only ``Ax`` is saved. Backward: ``dx = e5m2(g) . W`` and
   ``d(delta) = g^T . e4m3(Ax)``, both FP8 GEMMs. ``qweight`` and ``scale`` get no
-  gradient, and ``delta`` does not enter the forward.
+  gradient. ``delta`` enters the forward only for a kernel melded with ``live_delta``:
+  then ``y = x (W + BA)ᵀ`` (one thin GEMM on ``Ax``) and ``dx = e5m2([g | gB]) . [W; A]``.
 
   Args:
     x: ``(..., in)``, bf16 or f32. The output has x's dtype.
@@ -139,7 +163,7 @@ def melded_dense(
   if not isinstance(implementation, str):
     implementation = tuple(implementation)  # a static argument must be hashable
   y = _melded_matmul(x2, mk.qweight, mk.scale, mk.delta, mk.out_features, mk.scaling,
-                     implementation)
+                     implementation, mk.live_delta)
   y = y.reshape(*x.shape[:-1], mk.out_features)
   if bias is not None:
     y = y + bias.astype(y.dtype)

@@ -30,6 +30,8 @@ class MeldedKernel:
     delta: float32, shape ``(out, rank)``: the ΔBuffer ``B``, the only trainable leaf.
     in_features, out_features, rank: static sizes.
     scaling: static, ``"tensor"`` or ``"row"``.
+    live_delta: static: the forward and ``dx`` include ``delta`` (``y = x (W + BA)ᵀ``);
+      False (the reference) ignores it, exact only while it is zero.
   """
 
   qweight: jax.Array
@@ -39,6 +41,7 @@ class MeldedKernel:
   out_features: int = dataclasses.field(metadata=dict(static=True))
   rank: int = dataclasses.field(metadata=dict(static=True))
   scaling: str = dataclasses.field(default="tensor", metadata=dict(static=True))
+  live_delta: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -225,7 +228,8 @@ def meld_kernel(
   if key is None:
     # Unused by the SVD init, but one jitted signature either way.
     key = jax.random.key(options.seed)
-  return _meld_jit(kernel, key, rank=rank, init=options.init, scaling=options.scaling)
+  mk = _meld_jit(kernel, key, rank=rank, init=options.init, scaling=options.scaling)
+  return mk.replace(live_delta=options.live_delta)
 
 
 def meld_group(
@@ -256,10 +260,12 @@ def meld_group(
     kernel = check_kernel(kernel, name)
     checked.append((kernel, check_rank(options.rank, *kernel.shape, name)))
   if options.scaling != "tensor" or len(kernels) < 2:
-    return [_meld_jit(k, key, rank=r, init=options.init, scaling=options.scaling)
-            for (k, r), key in zip(checked, keys)]
-  stacks = [_stack_jit(k, key, rank=r, init=options.init, scaling=options.scaling)
-            for (k, r), key in zip(checked, keys)]
-  shared = jnp.min(jnp.stack([scale for _, scale in stacks]))
-  return [_quantize_jit(stacked, shared, rank=r, scaling=options.scaling)
-          for (stacked, _), (_, r) in zip(stacks, checked)]
+    melded = [_meld_jit(k, key, rank=r, init=options.init, scaling=options.scaling)
+              for (k, r), key in zip(checked, keys)]
+  else:
+    stacks = [_stack_jit(k, key, rank=r, init=options.init, scaling=options.scaling)
+              for (k, r), key in zip(checked, keys)]
+    shared = jnp.min(jnp.stack([scale for _, scale in stacks]))
+    melded = [_quantize_jit(stacked, shared, rank=r, scaling=options.scaling)
+              for (stacked, _), (_, r) in zip(stacks, checked)]
+  return [mk.replace(live_delta=options.live_delta) for mk in melded]

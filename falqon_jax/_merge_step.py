@@ -47,8 +47,8 @@ class MergeState(NamedTuple):
   """State of :func:`merge`.
 
   Attributes:
-    count: int32, merges done (steps with ``when`` false not counted); drives
-      ``topk_warmup_steps`` and the per-step key.
+    count: int32, steps taken (calls with ``when`` false not counted); drives
+      ``merge_every``, ``topk_warmup_steps`` and the per-step key.
     key: PRNG key for stochastic rounding (``None`` with nearest rounding).
   """
 
@@ -114,8 +114,11 @@ def merge_kernels(params, options: FalqonOptions, count: jax.Array,
 
   Step ``count`` folds into ``key``, then each kernel's index in tree order, so
   data-parallel replicas with the same state make the same choices. Where ``applied``
-  is false nothing merges and nothing resets.
+  is false, or ``count + 1`` is not a multiple of ``options.merge_every``, nothing merges
+  and nothing resets.
   """
+  if options.merge_every > 1:
+    applied = applied & ((count + 1) % options.merge_every == 0)
   step_key = None if key is None else jax.random.fold_in(key, count)
   counter = iter(range(1 << 30))
 

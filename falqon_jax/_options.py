@@ -83,6 +83,12 @@ class FalqonOptions:
       per-tensor scale, so vLLM serves the trained FP8 bytes unchanged, and targets that
       meld part of a group are refused. False (the reference, which has no groups): every
       kernel has its own scale.
+    live_delta: the forward and ``dx`` include the pending ΔBuffer (``y = x (W + BA)ᵀ``,
+      at the cost of one thin GEMM each way), so updates that wait for a merge still act.
+      False (the reference): both ignore it, which is exact only while it is zero.
+    merge_every: merge once every this many optimizer steps (1: every step, the
+      reference); in between, updates accumulate exactly in the f32 ΔBuffer and reach
+      the FP8 rows in one rounding. Needs ``live_delta``.
   """
 
   rank: int = 64
@@ -95,6 +101,8 @@ class FalqonOptions:
   implementation: Implementation = "xla"
   seed: int = 0
   fused_groups: bool = True
+  live_delta: bool = False
+  merge_every: int = 1
 
   def __post_init__(self):
     if not _is_int(self.rank):
@@ -116,12 +124,21 @@ class FalqonOptions:
       raise UserInputError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
     if not isinstance(self.fused_groups, bool):
       raise TypeError(f"fused_groups must be a bool, got {self.fused_groups!r}")
+    if not isinstance(self.live_delta, bool):
+      raise TypeError(f"live_delta must be a bool, got {self.live_delta!r}")
+    if not _is_int(self.merge_every) or self.merge_every < 1:
+      raise UserInputError(f"merge_every must be a positive int, got {self.merge_every!r}")
+    if self.merge_every > 1 and not self.live_delta:
+      raise UserInputError(
+          f"merge_every={self.merge_every} needs live_delta=True: otherwise the forward and dx"
+          " ignore the updates that wait for a merge")
     # Python ints (static shapes, hashable), and a tuple for a sequence of implementations.
     set_ = lambda k, v: object.__setattr__(self, k, v)
     set_("rank", int(self.rank))
     set_("top_k", self.top_k if self.top_k in (None, "all") else int(self.top_k))
     set_("topk_warmup_steps", int(self.topk_warmup_steps))
     set_("seed", int(self.seed))
+    set_("merge_every", int(self.merge_every))
     set_("implementation", check_implementation(self.implementation))
 
   def replace(self, **overrides) -> "FalqonOptions":

@@ -76,6 +76,10 @@ class FinetuneConfig:
                                " (the in-place kernel)")
   fused_groups: bool = _field(RECOMMENDED.fused_groups, "q/k/v and gate/up share one FP8"
                               " scale, so vLLM serves the trained bytes")
+  live_delta: bool = _field(RECOMMENDED.live_delta, "the forward and dx include the pending"
+                            " delta (W + BA), so updates count before they are merged")
+  merge_every: int = _field(RECOMMENDED.merge_every, "merge once every this many optimizer"
+                            " steps (needs --live_delta true above 1)", ge=1)
   # Optimization.
   steps: int = _field(300, "training steps", ge=1)
   batch_size: int = _field(32, "examples per step, over all devices", ge=1)
@@ -333,7 +337,8 @@ def falqon_options(config: FinetuneConfig) -> FalqonOptions:
       rank=config.rank, init=config.init, scaling=config.scaling, top_k=config.top_k,
       topk_warmup_steps=config.topk_warmup_steps, reset=config.reset,
       rounding=config.rounding, implementation=config.implementation,
-      fused_groups=config.fused_groups, seed=config.seed)
+      fused_groups=config.fused_groups, live_delta=config.live_delta,
+      merge_every=config.merge_every, seed=config.seed)
 
 
 def to_dict(config) -> dict:

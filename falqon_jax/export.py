@@ -52,7 +52,7 @@ without ``lm_head.weight``), and ``config.json`` is the model's own
 (``ModelConfig.to_hf``), so transformers, vLLM and :func:`falqon_jax.models.load` read
 the folder. transformers 5 routes ``quant_method: "fp8"`` to its block-wise FP8 loader,
 which names the scale ``weight_scale_inv`` and silently drops an unknown
-``weight_scale``; load the FP8 folder there with ``key_mapping={r"\.weight_scale$":
+``weight_scale``; load the FP8 folder there with ``key_mapping={r"\\.weight_scale$":
 ".weight_scale_inv"}`` (and ``FineGrainedFP8Config(dequantize=True)`` on CPU), as
 ``tests/test_export_torch.py`` does.
 
@@ -82,6 +82,7 @@ import numpy as np
 from falqon_jax import models
 from falqon_jax._meld import FUSED_GROUPS
 from falqon_jax._melded_kernel import MeldedKernel, is_melded
+from falqon_jax._merge import merge_rows
 from falqon_jax.errors import UserInputError
 from falqon_jax import _safetensors as st
 
@@ -254,6 +255,14 @@ def _dtype_name(arrays) -> str:
   return "bfloat16"
 
 
+def _folded(mk: MeldedKernel) -> MeldedKernel:
+  """``mk`` with the pending ΔBuffer merged into its FP8 rows (nearest rounding) where its
+  forward uses it (``live_delta``): what the forward computes is what gets exported."""
+  if not mk.live_delta or mk.rank == 0:
+    return mk
+  return merge_rows(mk, mk.out_features, reset="all", rounding="nearest")
+
+
 def _plain(leaf, transposed: bool, dtype):
   arr = np.asarray(leaf)
   if transposed:
@@ -282,8 +291,9 @@ def save_fp8(
     model: the :class:`falqon_jax.models.Functional` (its config names the tensors and
       is written as ``config.json``).
     params: its params tree (``models.split``), with :class:`~falqon_jax.MeldedKernel`
-      leaves for melded layers. A pending ΔBuffer is not folded in (the forward ignores
-      it too). Refused, before anything is written: kernels melded with
+      leaves for melded layers. A pending ΔBuffer is merged in (every row, nearest
+      rounding) where the kernel's forward uses it (``live_delta``), else left out as
+      the forward leaves it. Refused, before anything is written: kernels melded with
       ``scaling="row"``, a melded ``lm_head`` (vLLM's is never FP8), and a fused group
       (a layer's q/k/v or gate/up) melded only in part, which vLLM refuses to load, or
       whose members have different scales (``fused_groups=False``), which vLLM
@@ -319,7 +329,7 @@ def save_fp8(
         raise UserInputError(
             "save_fp8: lm_head is melded; vLLM keeps the LM head unquantized and cannot"
             " load it in FP8: meld with targets that leave lm_head out, or use save_bf16")
-      weight = np.asarray(leaf.qweight[: leaf.out_features])  # (out, in)
+      weight = np.asarray(_folded(leaf).qweight[: leaf.out_features])  # (out, in)
       if not transposed:  # GPT-2 Conv1D: (in, out) on disk
         weight = np.ascontiguousarray(weight.T)
       tensors[name] = weight
@@ -374,8 +384,8 @@ def save_bf16(
 ) -> str:
   """Writes a standard HF safetensors folder with every melded kernel dequantized.
 
-  Melded kernels become their dequantized backbone (``A`` dropped, a pending ΔBuffer not
-  folded in); all float tensors are cast to ``dtype`` (bf16 by default). Works for all
+  Melded kernels become their dequantized backbone (``A`` dropped; a pending ΔBuffer
+  folded in exactly where the kernel's forward uses it, ``live_delta``); all float tensors are cast to ``dtype`` (bf16 by default). Works for all
   supported families, GPT-2 included. Other arguments as for :func:`save_fp8`.
 
   Example:
@@ -392,7 +402,11 @@ def save_bf16(
   tensors = {}
   for path, leaf in _flat(params):
     if isinstance(leaf, MeldedKernel):
-      leaf = leaf.backbone(jnp.float32)  # the layout of the param it replaces
+      w = leaf.backbone(jnp.float32)  # the layout of the param it replaces
+      if leaf.live_delta:  # the forward's W + BA, exactly
+        w = w + jnp.dot(leaf.delta, leaf.lora_a(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST).T
+      leaf = w
     name, transposed = _tensor_name(cfg, path)
     tensors[name] = _plain(leaf, transposed, dtype)
   dtype_name = _dtype_name(tensors.values()) if dtype is None else str(jnp.dtype(dtype))

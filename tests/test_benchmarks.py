@@ -223,8 +223,10 @@ def test_method_specs():
   m = M.make_method("falqon[reset=merged,rounding=stochastic,top_k=4]", 16)
   assert m.options == {"reset": "merged", "rounding": "stochastic", "top_k": 4}
   assert M.make_method("falqon[fused_groups=true]", 16).falqon_options.fused_groups is True
+  live = M.make_method("falqon[live_delta=true,merge_every=10]", 16).falqon_options
+  assert live.live_delta is True and live.merge_every == 10
   for bad in ("lora", "bf16-lora[reset=all]", "falqon[speed=fast]", "falqon[reset]",
-              "falqon[fused_groups=1]"):
+              "falqon[fused_groups=1]", "falqon[merge_every=10]", "falqon[live_delta=yes]"):
     with pytest.raises(ValueError):
       M.make_method(bad, 16)
 

@@ -331,3 +331,54 @@ def test_fp8_export_is_what_vllm_serves_for_fused_groups(tmp_path, family):
       for n in names:  # the max-scale requantization is the identity: the trained bytes
         np.testing.assert_array_equal(served[n].view(np.uint8),
                                       tensors[n + ".weight"].view(np.uint8))
+
+
+def _pending(live_delta=True):
+  """A tiny llama melded with live deltas, each holding a random pending update."""
+  lm = models.CausalLM(models.tiny_config("llama"), rngs=nnx.Rngs(0))
+  fnnx.meld(lm, rank=16, live_delta=live_delta)
+  model, params = models.split(lm)
+  keys = iter(jax.random.split(jax.random.key(2), 64))
+  return model, jax.tree.map(
+      lambda x: x.replace(delta=0.05 * jax.random.normal(next(keys), x.delta.shape))
+      if _is_melded(x) else x, params, is_leaf=_is_melded)
+
+
+def test_live_delta_bf16_export_is_w_plus_ba(tmp_path):
+  """The forward of a live-delta kernel uses W + BA, so the dequantized export holds it."""
+  model, pending = _pending()
+  fold = lambda mk: mk.backbone() + (np.asarray(mk.delta, np.float64)
+                                     @ np.asarray(mk.lora_a(), np.float64)).T
+  dense = jax.tree.map(lambda x: jnp.asarray(fold(x), jnp.float32) if _is_melded(x) else x,
+                       pending, is_leaf=_is_melded)
+  unfolded = jax.tree.map(lambda x: x.backbone() if _is_melded(x) else x, pending,
+                          is_leaf=_is_melded)
+  export.save_bf16(str(tmp_path / "out"), model, pending, dtype=jnp.float32)
+  _, reloaded_model, reloaded = _split_loaded(tmp_path / "out")
+  want, got, without = _logits(reloaded_model, dense, reloaded, unfolded)
+  # Same f32 program on weights equal up to the f32 rounding of the fold.
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert np.abs(without - want).max() > 0.1  # leaving BA out would fail
+
+
+def test_live_delta_fp8_export_merges_every_row_to_nearest(tmp_path):
+  """The FP8 export of a live-delta kernel is e4m3(raw W + delta @ raw A), clamped:
+  every pending row merged once, to nearest, against a float64 oracle."""
+  model, pending = _pending()
+  export.save_fp8(str(tmp_path / "out"), model, pending)
+  tensors = _tensors(tmp_path / "out")
+  mk = pending["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  raw = np.asarray(mk.qweight).astype(np.float64)
+  want = np.clip(raw[: mk.out_features] + np.asarray(mk.delta, np.float64) @ raw[mk.out_features:],
+                 -448, 448)
+  want = np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.float8_e4m3fn)).view(np.uint8)
+  got = tensors["model.layers.0.self_attn.q_proj.weight"].view(np.uint8)
+  # The f32 product can sit on the other side of a rounding tie than float64's: rare.
+  assert np.mean(got == want) > 0.999
+  assert np.mean(got == np.asarray(mk.qweight[: mk.out_features]).view(np.uint8)) < 0.9
+  # A kernel whose forward ignores its delta exports its backbone rows as they are.
+  model, plain = _pending(live_delta=False)
+  export.save_fp8(str(tmp_path / "plain"), model, plain)
+  mk = plain["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  assert (_tensors(tmp_path / "plain")["model.layers.0.self_attn.q_proj.weight"].tobytes()
+          == np.asarray(mk.qweight[: mk.out_features]).tobytes())

@@ -50,7 +50,8 @@ def test_forward_is_one_fp8_gemm_giving_y_and_ax(rng, dtype, scaling):
   tol = 2.0**-8 if dtype == jnp.bfloat16 else 1e-6
   np.testing.assert_allclose(_np(y), z[:, :OUT], rtol=tol, atol=1e-6 * np.abs(z).max())
   # The saved residual is Ax, rounded to x's dtype as the reference saves it.
-  y2, (ax, *_) = _melded_matmul_fwd(x, mk.qweight, mk.scale, mk.delta, OUT, scaling, "xla")
+  y2, (ax, *_) = _melded_matmul_fwd(x, mk.qweight, mk.scale, mk.delta, OUT, scaling, "xla",
+                                  False)
   assert ax.dtype == dtype and ax.shape == (N, RANK)
   # Exact: both run eagerly, the same ops one by one on the same inputs.
   np.testing.assert_array_equal(_np(y2), _np(y))
@@ -221,3 +222,93 @@ def test_empty_batch_gives_empty_output_and_zero_delta_gradient(rng, implementat
   assert dmk.delta.shape == (OUT, RANK) and not np.any(np.asarray(dmk.delta))
   g = jax.jit(jax.grad(lambda mk: jnp.sum(f(x, mk).astype(jnp.float32))))(mk)
   assert not np.any(np.asarray(g.delta))
+
+
+def _live(rng, scaling="tensor"):
+  """A live-delta kernel with a nonzero ΔBuffer (what waits between merges)."""
+  k, mk, x = _setup(rng, scaling=scaling)
+  live = falqon_jax.meld_kernel(k, RANK, scaling=scaling, live_delta=True)
+  delta = jnp.asarray(rng.standard_normal((OUT, RANK)) * 0.02, jnp.float32)
+  return live.replace(delta=delta), mk.replace(delta=delta), x
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_live_delta_forward_is_w_plus_ba(rng, scaling):
+  """y = x (W + BA)ᵀ: the fused GEMM's y plus (Ax) Bᵀ, one rounding to bf16."""
+  live, plain, x = _live(rng, scaling)
+  assert live.live_delta and not plain.live_delta
+  z, _, _ = _forward_oracle(x, live)
+  ax = _np(jnp.asarray(z[:, OUT:], jnp.bfloat16))  # Ax as the forward keeps it
+  delta_bf16 = _np(live.delta.astype(jnp.bfloat16))
+  want = z[:, :OUT] + ax @ delta_bf16.T
+  got = _np(falqon_jax.melded_dense(x, live))
+  # One bf16 rounding of the f32 sum (2^-8 relative), plus f32 accumulation noise.
+  np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=1e-5 * np.abs(want).max())
+  # The delta's share is far above that tolerance: a forward that ignored it would fail.
+  assert np.abs(ax @ delta_bf16.T).max() > 50 * 2.0**-8 * np.abs(want).max() / 8
+  assert np.abs(_np(falqon_jax.melded_dense(x, plain)) - want).max() > 1e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_live_delta_backward_dx_is_g_times_w_plus_ba(rng, scaling):
+  """dx = e5m2([g | gB]) . [W; A] and d(delta) = gᵀ e4m3(Ax), against float64."""
+  live, _, x = _live(rng, scaling)
+  g = jnp.asarray(rng.standard_normal((N, OUT)) * rng.uniform(0.1, 3), jnp.bfloat16)
+  _, vjp = jax.vjp(falqon_jax.melded_dense, x, live)
+  dx, dmk = vjp(g)
+  s = _row_scales(live)
+  gf = np.asarray(g.astype(jnp.float32))
+  gb = _np(jnp.dot(g, live.delta.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+           .astype(jnp.bfloat16))
+  g_ext = np.concatenate([gf, gb], axis=1)
+  g_src = g_ext / s if scaling == "row" else g_ext
+  sg = oracle.scale(g_src, oracle.E5M2)
+  gq = oracle.quantize(g_src, sg, oracle.E5M2).astype(np.float64)
+  raw = np.asarray(live.qweight).astype(np.float64)
+  w_scale = 1.0 if scaling == "row" else s[0]
+  dx_want = (gq @ raw) / np.float64(sg) / w_scale  # every melded row: W and A
+  np.testing.assert_allclose(_np(dx), dx_want, rtol=2.0**-8,
+                             atol=2.0**-8 * np.abs(dx_want).max() * 1e-2)
+  # And loosely the exact gradient through W + BA (e5m2 keeps 2 mantissa bits of g).
+  w = np.asarray(live.backbone(), np.float64).T
+  exact = gf.astype(np.float64) @ (w + _np(live.delta) @ np.asarray(live.lora_a(), np.float64))
+  assert np.linalg.norm(_np(dx) - exact) < 0.1 * np.linalg.norm(exact)
+  z, _, _ = _forward_oracle(x, live)
+  ax = np.asarray(jnp.asarray(z[:, OUT:], jnp.bfloat16).astype(jnp.float32))
+  s_ax = oracle.scale(ax)
+  axq = oracle.quantize(ax, s_ax).astype(np.float64)
+  dd_want = (gq[:, :OUT].T @ axq) / np.float64(sg) / np.float64(s_ax)
+  if scaling == "row":
+    dd_want = dd_want * s[:OUT, None]
+  np.testing.assert_allclose(_np(dmk.delta), dd_want, rtol=2.0**-7,
+                             atol=2.0**-7 * np.abs(dd_want).max() * 1e-2)
+
+
+def test_live_delta_with_zero_delta_matches_the_reference_forward_and_backward(rng):
+  """Right after a full merge the ΔBuffer is zero: live or not, the same layer."""
+  k, plain, x = _setup(rng)
+  live = falqon_jax.meld_kernel(k, RANK, live_delta=True)
+  g = jnp.asarray(rng.standard_normal((N, OUT)), jnp.bfloat16)
+  outs = []
+  for mk in (plain, live):
+    y, vjp = jax.vjp(falqon_jax.melded_dense, x, mk)
+    dx, dmk = vjp(g)
+    outs.append((_np(y), _np(dx), _np(dmk.delta)))
+  # Two programs, zero terms added: within one bf16 rounding of each other.
+  for a, b in zip(*outs):
+    np.testing.assert_allclose(a, b, rtol=2.0**-8, atol=1e-6 * np.abs(a).max())
+
+
+def test_live_delta_compiled_hlo_adds_only_thin_dots(rng):
+  """Forward: the fused FP8 GEMM plus one (N x r x out) dot. Backward: one FP8 dx GEMM
+  contracting over out + r, the FP8 d(delta) GEMM, and one (N x out x r) dot for gB."""
+  live, _, x = _live(rng)
+  fwd = jax.jit(falqon_jax.melded_dense).lower(x, live).compile().as_text()
+  bwd = jax.jit(lambda x, mk: jax.grad(
+      lambda x, d: jnp.sum(falqon_jax.melded_dense(x, mk.replace(delta=d)).astype(jnp.float32)),
+      argnums=(0, 1))(x, mk.delta)).lower(x, live).compile().as_text()
+  dots = lambda text: re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", text)
+  assert sorted(dots(fwd)) == sorted([f"{N},{OUT + RANK}", f"{N},{OUT}"])
+  # (The forward's thin dot is dead here: the loss's cotangent does not need y.)
+  assert sorted(dots(bwd)) == sorted(
+      [f"{N},{OUT + RANK}", f"{N},{RANK}", f"{N},{IN}", f"{OUT},{RANK}"])

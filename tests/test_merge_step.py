@@ -21,6 +21,7 @@ PRESETS = {
     "reference": falqon_jax.REFERENCE,
     # A real top-k after a warmup exercises the merge count.
     "warmup": falqon_jax.RECOMMENDED.replace(top_k=5, topk_warmup_steps=2),
+    "every3": falqon_jax.RECOMMENDED.replace(live_delta=True, merge_every=3),
 }
 
 
@@ -176,3 +177,40 @@ def test_merge_misuse_is_a_one_line_error(rng):
     falqon_jax.merge(params, state, falqon_jax.REFERENCE, when=jnp.ones(2, bool))
   with pytest.raises(TypeError, match="unknown FALQON option 'topk'"):
     falqon_jax.merge(params, state, topk=3)
+
+
+def test_merge_every_k_steps_accumulates_exactly_between_merges(rng):
+  """merge_every=3: steps 3 and 6 merge every row and reset; the others only add the
+  optimizer's increments to the live ΔBuffer, bit for bit."""
+  opts = falqon_jax.RECOMMENDED.replace(live_delta=True, merge_every=3)
+  k = rng.standard_normal((IN, OUT)) * 0.05
+  p = {"layer": {"kernel": jnp.asarray(k, jnp.float32), "bias": jnp.zeros(OUT)},
+       "head": {"kernel": jnp.asarray(rng.standard_normal((OUT, 8)), jnp.float32)}}
+  params, _ = falqon_jax.meld(p, rank=RANK, targets=r"layer/kernel$", options=opts)
+  assert params["layer"]["kernel"].live_delta
+  tx = falqon_jax.delta_only(optax.sgd(0.05))
+  state, merge_state = tx.init(params), falqon_jax.merge_init(params, opts)
+  for step in range(1, 7):
+    x = jnp.asarray(rng.standard_normal((N, IN)), jnp.float32)
+    updates, state = tx.update(jax.grad(_loss)(params, x), state, params)
+    stepped = optax.apply_updates(params, updates)
+    params, merge_state = falqon_jax.merge(stepped, merge_state, opts)
+    before, after = stepped["layer"]["kernel"], params["layer"]["kernel"]
+    assert int(merge_state.count) == step
+    if step % 3:
+      assert _bytes(after) == _bytes(before)  # nothing merged, the delta kept
+      assert float(jnp.abs(after.delta).max()) > 0
+    else:
+      assert after.qweight.tobytes() != before.qweight.tobytes()
+      assert float(jnp.abs(after.delta).max()) == 0.0
+
+
+def test_merge_every_needs_live_delta():
+  with pytest.raises(ValueError, match="merge_every=4 needs live_delta=True"):
+    falqon_jax.RECOMMENDED.replace(merge_every=4)
+  for bad in (0, -1, 2.0, True):
+    with pytest.raises((ValueError, TypeError), match="merge_every must be a positive int"):
+      falqon_jax.RECOMMENDED.replace(live_delta=True, merge_every=bad)
+  with pytest.raises(TypeError, match="live_delta must be a bool"):
+    falqon_jax.FalqonOptions(live_delta=1)
+  assert not falqon_jax.REFERENCE.live_delta and falqon_jax.REFERENCE.merge_every == 1

@@ -12,6 +12,7 @@ import falqon_jax
 from falqon_jax import config as config_lib
 from falqon_jax import linen as flinen
 from falqon_jax import models
+from falqon_jax.errors import UserInputError
 from falqon_jax import nnx as fnnx
 from falqon_jax.config import FinetuneConfig
 
@@ -93,6 +94,11 @@ def test_cli_defaults_are_recommended_and_its_flags_give_reference():
       "--init", "svd", "--top_k", "none", "--reset", "all", "--rounding", "nearest",
       "--fused_groups", "false"])
   assert config_lib.falqon_options(ref) == falqon_jax.REFERENCE.replace(rank=cfg.rank)
+  live = config_lib.resolve(FinetuneConfig, flags=["--live_delta", "true", "--merge_every", "10"])
+  assert config_lib.falqon_options(live) == falqon_jax.RECOMMENDED.replace(
+      rank=cfg.rank, live_delta=True, merge_every=10)
+  with pytest.raises(UserInputError, match="merge_every=10 needs live_delta=True"):
+    config_lib.falqon_options(config_lib.resolve(FinetuneConfig, flags=["--merge_every", "10"]))
   pallas = config_lib.resolve(FinetuneConfig, flags=["--implementation", "pallas"])
   assert config_lib.falqon_options(pallas).implementation == "pallas"
   with pytest.raises(config_lib.ConfigError, match="implementation must be one of"):
