@@ -242,10 +242,15 @@ def _check_config(config: FinetuneConfig) -> None:
 
 def run_identity(config: FinetuneConfig, model_id: str, tokenizer, report) -> dict:
   """What a checkpoint must match to be resumed or evaluated with this config."""
-  return {"model": model_id, "rank": config.rank, "targets": config.targets,
-          "scaling": config.scaling, "init": config.init, "seed": config.seed,
-          "vocab_size": int(tokenizer.vocab_size),
-          "melded": [m.path for m in report.melded]}
+  identity = {"model": model_id, "rank": config.rank, "targets": config.targets,
+              "scaling": config.scaling, "init": config.init, "seed": config.seed,
+              "vocab_size": int(tokenizer.vocab_size),
+              "melded": [m.path for m in report.melded]}
+  # A live ΔBuffer holds updates the FP8 rows do not: resuming it as a reference kernel
+  # would drop them. Only set when true, so runs saved before the option still match.
+  if config.live_delta:
+    identity["live_delta"] = True
+  return identity
 
 
 class _Interrupt:

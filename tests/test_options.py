@@ -117,3 +117,13 @@ def test_fused_groups_is_recommended_and_off_in_the_reference():
   assert falqon_jax.RECOMMENDED.fused_groups and not falqon_jax.REFERENCE.fused_groups
   with pytest.raises(TypeError, match="fused_groups must be a bool, got 1"):
     falqon_jax.FalqonOptions(fused_groups=1)
+
+
+def test_a_live_delta_run_is_not_resumed_as_a_reference_one():
+  from falqon_jax import data, finetune
+  from falqon_jax._meld import MeldReport
+  cfg = FinetuneConfig()
+  live = config_lib.resolve(FinetuneConfig, flags=["--live_delta", "true"])
+  ident = lambda c: finetune.run_identity(c, "m", data.ByteTokenizer(), MeldReport((), ()))
+  assert "live_delta" not in ident(cfg)  # runs saved before the option keep matching
+  assert ident(live) == {**ident(cfg), "live_delta": True}
